@@ -1,0 +1,347 @@
+"""Rows on disk -> token ids -> padded batches.
+
+Formats (DESIGN.md §3), one JSON object per row, from .jsonl, .json or .parquet:
+
+- SFT:        {"messages": [...]} or {"prompt": str|messages, "completion": str|messages}
+- preference: {"prompt", "chosen", "rejected"}, or {"chosen": [user, assistant],
+              "rejected": [user, assistant]} whose shared leading turns are the prompt
+- prompts:    {"prompt": str|messages, ...extra fields passed to reward functions}
+
+A bare string prompt is used as is (it may already carry a chat template); a
+completion string gets the EOS token appended. Messages go through the
+tokenizer's chat template, and loss / log-probs cover assistant turns only.
+
+Truncation policy: a prompt longer than ``max_prompt_length`` keeps its *last*
+tokens (those next to the response); then the completion keeps its *first*
+``max_length - len(prompt)`` tokens. If that leaves fewer than
+``max_length // 4`` completion tokens, the prompt is cut further from the left
+so every row still trains on a response.
+
+Every bad row raises UserError naming file:line and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from posttrain.errors import UserError
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+@dataclass
+class Row:
+    source: str  # "file:line" for error messages
+    data: dict
+
+
+def resolve_data_path(path: str, field: str = "dataset_name") -> Path:
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(q for q in p.iterdir() if q.suffix in SUFFIXES)
+        if len(found) != 1:
+            raise UserError(f"{field}: folder {path!r} must hold exactly one .jsonl/.json/.parquet file, found {len(found)}")
+        p = found[0]
+    if not p.is_file():
+        raise UserError(f"{field}: file {path!r} not found")
+    if p.suffix not in SUFFIXES:
+        raise UserError(f"{field}: {path!r} is not a .jsonl, .json or .parquet file")
+    return p
+
+
+def read_rows(path: str, field: str = "dataset_name") -> list[Row]:
+    """Every row of a data file with its file:line (row number for .json/.parquet)."""
+    p = resolve_data_path(path, field)
+    rows: list[Row] = []
+    if p.suffix == ".jsonl":
+        with p.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{p}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+                rows.append(Row(f"{p}:{number}", obj))
+    elif p.suffix == ".json":
+        try:
+            objs = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{p}:{err.lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(objs, list):
+            raise UserError(f"{p}:1: expected a JSON list of row objects")
+        rows = [Row(f"{p}:row {i}", obj) for i, obj in enumerate(objs, 1)]
+    else:
+        from datasets import Dataset
+
+        try:
+            table = Dataset.from_parquet(str(p))
+        except Exception as err:  # noqa: BLE001 - any reader failure is a bad file
+            raise UserError(f"{p}: cannot read parquet ({type(err).__name__}: {err})") from None
+        rows = [Row(f"{p}:row {i}", obj) for i, obj in enumerate(table, 1)]
+    if not rows:
+        raise UserError(f"{p}: no rows")
+    for row in rows:
+        if not isinstance(row.data, dict):
+            raise UserError(f"{row.source}: expected a JSON object, got {type(row.data).__name__}")
+    return rows
+
+
+def _need(row: Row, key: str):
+    if key not in row.data:
+        raise UserError(f"{row.source}: missing field {key!r} (has: {', '.join(row.data) or 'nothing'})")
+    return row.data[key]
+
+
+def _check_text_or_messages(row: Row, key: str, value) -> None:
+    if isinstance(value, str):
+        if key != "prompt" and not value:
+            raise UserError(f"{row.source}: field {key!r} is an empty string")
+        return
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{row.source}: field {key!r} must be a string or a non-empty list of messages")
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+            raise UserError(f"{row.source}: field {key!r} message {i} needs string 'role' and 'content'")
+
+
+# ----------------------------------------------------------------- tokenising
+
+
+@dataclass
+class Example:
+    """One tokenised row: prompt ids, then response ids (the part that is trained or scored)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion_weights: list[int] | None = None  # 1 where a token counts (multi-turn chat), else all 1
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template, so rows with messages cannot be used")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return _ids(tokenizer, prompt)
+    return _ids(tokenizer, _template(tokenizer, prompt, add_generation_prompt=True))
+
+
+def encode_response(tokenizer, prompt, response) -> list[int]:
+    """Tokens of the response as they follow the prompt (text + EOS, or the templated turn)."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        return _ids(tokenizer, response) + [tokenizer.eos_token_id]
+    prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    response_msgs = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+    prefix = _template(tokenizer, prompt_msgs, add_generation_prompt=True)
+    full = _template(tokenizer, prompt_msgs + response_msgs, add_generation_prompt=False)
+    if not full.startswith(prefix):
+        raise UserError("the chat template does not extend the prompt when the response is added")
+    return _ids(tokenizer, full[len(prefix):])
+
+
+def encode_conversation(tokenizer, messages: list[dict]) -> Example:
+    """A multi-turn chat: prompt = everything before the first assistant turn;
+    the rest is the response, with weight 1 only on assistant turns."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt_ids = encode_prompt(tokenizer, messages[:first])
+    completion, weights = [], []
+    done = _template(tokenizer, messages[:first], add_generation_prompt=True)
+    for i in range(first, len(messages)):
+        before = _template(tokenizer, messages[:i], add_generation_prompt=messages[i]["role"] == "assistant")
+        after = _template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        segment = before[len(done):] + after[len(before):]
+        ids = _ids(tokenizer, segment)
+        head = len(_ids(tokenizer, before[len(done):]))  # the generation prompt itself is not trained
+        completion += ids
+        weights += [0] * head + [int(messages[i]["role"] == "assistant")] * (len(ids) - head)
+        done = after
+    return Example(prompt_ids, completion, weights)
+
+
+def truncate(example: Example, max_length: int, max_prompt_length: int) -> Example:
+    """Apply the truncation policy of the module docstring."""
+    prompt = example.prompt_ids[-max_prompt_length:] if max_prompt_length else example.prompt_ids
+    min_completion = min(len(example.completion_ids), max(1, max_length // 4))
+    if len(prompt) + min_completion > max_length:
+        prompt = prompt[len(prompt) + min_completion - max_length:]
+    budget = max_length - len(prompt)
+    weights = example.completion_weights[:budget] if example.completion_weights else None
+    return Example(prompt, example.completion_ids[:budget], weights)
+
+
+def sft_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int) -> list[Example]:
+    out = []
+    for row in rows:
+        if "messages" in row.data:
+            messages = row.data["messages"]
+            _check_text_or_messages(row, "messages", messages)
+            if not any(m["role"] == "assistant" for m in messages):
+                raise UserError(f"{row.source}: field 'messages' has no assistant turn to train on")
+            example = encode_conversation(tokenizer, messages)
+        elif "prompt" in row.data or "completion" in row.data:
+            prompt, completion = _need(row, "prompt"), _need(row, "completion")
+            _check_text_or_messages(row, "prompt", prompt)
+            _check_text_or_messages(row, "completion", completion)
+            example = Example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, prompt, completion))
+        else:
+            raise UserError(f"{row.source}: an SFT row needs 'messages' or 'prompt' and 'completion'")
+        out.append(truncate(example, max_length, max_prompt_length))
+    return out
+
+
+@dataclass
+class PreferenceExample:
+    chosen: Example
+    rejected: Example
+    margin: float = 0.0
+
+
+def split_shared_prefix(row: Row) -> tuple[list, list, list]:
+    """Seed format: the leading turns both conversations share are the prompt."""
+    chosen, rejected = row.data["chosen"], row.data["rejected"]
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise UserError(f"{row.source}: 'chosen' and 'rejected' share no leading turn and there is no 'prompt'")
+    if n == len(chosen) or n == len(rejected):
+        raise UserError(f"{row.source}: 'chosen' and 'rejected' are identical")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def preference_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int) -> list[PreferenceExample]:
+    out = []
+    for row in rows:
+        chosen, rejected = _need(row, "chosen"), _need(row, "rejected")
+        _check_text_or_messages(row, "chosen", chosen)
+        _check_text_or_messages(row, "rejected", rejected)
+        if "prompt" in row.data:
+            prompt = row.data["prompt"]
+            _check_text_or_messages(row, "prompt", prompt)
+        elif isinstance(chosen, list) and isinstance(rejected, list):
+            prompt, chosen, rejected = split_shared_prefix(row)
+        else:
+            raise UserError(f"{row.source}: missing field 'prompt' (needed when chosen/rejected are strings)")
+        margin = row.data.get("margin", 0.0)
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+            raise UserError(f"{row.source}: field 'margin' must be a number, got {margin!r}")
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        pair = [truncate(Example(prompt_ids, encode_response(tokenizer, prompt, response)), max_length, max_prompt_length)
+                for response in (chosen, rejected)]
+        out.append(PreferenceExample(pair[0], pair[1], float(margin)))
+    return out
+
+
+@dataclass
+class PromptExample:
+    prompt_ids: list[int]
+    prompt_text: str  # what reward functions see as the prompt
+    extra: dict  # the row's other fields, passed to reward functions
+
+
+def prompt_examples(rows: list[Row], tokenizer, max_prompt_length: int) -> list[PromptExample]:
+    out = []
+    for row in rows:
+        prompt = _need(row, "prompt")
+        _check_text_or_messages(row, "prompt", prompt)
+        if isinstance(prompt, str) and not prompt:
+            raise UserError(f"{row.source}: field 'prompt' is an empty string")
+        ids = encode_prompt(tokenizer, prompt)[-max_prompt_length:]
+        text = prompt if isinstance(prompt, str) else _template(tokenizer, prompt, add_generation_prompt=True)
+        out.append(PromptExample(ids, text, {k: v for k, v in row.data.items() if k != "prompt"}))
+    return out
+
+
+# ------------------------------------------------------------------- batching
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                           shuffle: bool = True, drop_last: bool = False) -> list[list[int]]:
+    """Indices in batches of similar length, deterministic in (seed, epoch).
+
+    Shuffle, cut into mega-batches of 50 batches, sort each by length, cut into
+    batches, shuffle the batches: padding stays small and the order random
+    (the "length-grouped" sampler of transformers). Determinism in (seed, epoch)
+    is what lets a resumed run skip to its exact data position.
+    """
+    order = list(range(len(lengths)))
+    rng = random.Random(seed * 100003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    mega = batch_size * 50
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i]) if shuffle else order[start:start + mega]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([[value] * (width - len(s)) + s if left else s + [value] * (width - len(s)) for s in seqs])
+
+
+@dataclass
+class TokenBatch:
+    """Prompt + response sequences, right-padded."""
+
+    input_ids: torch.Tensor  # (B, L) token ids
+    attention_mask: torch.Tensor  # (B, L) 1 on real tokens
+    loss_mask: torch.Tensor  # (B, L-1) 1 where position t's prediction of token t+1 is a response token
+
+    def to(self, device) -> TokenBatch:
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def collate_examples(examples: list[Example], pad_id: int, completion_only: bool = True) -> TokenBatch:
+    seqs = [e.prompt_ids + e.completion_ids for e in examples]
+    loss = []
+    for e in examples:
+        weights = e.completion_weights or [1] * len(e.completion_ids)
+        prompt_weight = 0 if completion_only else 1
+        loss.append([prompt_weight] * len(e.prompt_ids) + weights)
+    input_ids = _pad(seqs, pad_id)
+    attention_mask = _pad([[1] * len(s) for s in seqs], 0)
+    loss_mask = _pad(loss, 0)[:, 1:]
+    return TokenBatch(input_ids, attention_mask, loss_mask.float())
+
+
+@dataclass
+class PreferenceBatch:
+    """Chosen rows then rejected rows, concatenated, for one forward pass: (2B, L)."""
+
+    tokens: TokenBatch  # rows [0, B) chosen, [B, 2B) rejected
+    margin: torch.Tensor  # (B,) per-pair margin (0 when absent)
+    index: torch.Tensor  # (B,) dataset indices of the pairs (for precomputed reference log-probs)
+
+    def to(self, device) -> PreferenceBatch:
+        return PreferenceBatch(self.tokens.to(device), self.margin.to(device), self.index.to(device))
+
+
+def collate_preferences(pairs: list[PreferenceExample], indices: list[int], pad_id: int) -> PreferenceBatch:
+    tokens = collate_examples([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    return PreferenceBatch(tokens, torch.tensor([p.margin for p in pairs]), torch.tensor(indices))
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, the layout generation needs."""
+    return _pad(seqs, pad_id, left=True), _pad([[1] * len(s) for s in seqs], 0, left=True)

@@ -1,0 +1,393 @@
+"""Every formula of post-training as a pure tensor function.
+
+This module is the textbook: tensors in, tensors out (plus dicts of detached
+tensors for statistics). It imports only torch, reads no config and calls no
+model. Shapes use one legend throughout:
+
+    B  batch (sequences, or preference pairs for DPO / reward models)
+    T  tokens (completion positions; prompt and padding are masked out)
+    V  vocabulary
+    G  group size (completions per prompt, GRPO)
+
+``mask`` is 1 for response tokens and 0 for prompt and padding; a masked mean is
+``sum(x * mask) / sum(mask)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "selective_log_softmax",
+    "masked_mean",
+    "masked_sum",
+    "sequence_logps",
+    "dpo_loss",
+    "reward_model_loss",
+    "kl_penalty",
+    "gae",
+    "whiten",
+    "ppo_policy_loss",
+    "value_loss",
+    "group_advantages",
+    "aggregate_loss",
+    "entropy_from_logits",
+    "explained_variance",
+]
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+GROUP_SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[index], without a full (B, T, V) float32 log-softmax.
+
+    log p(i) = logit_i - logsumexp(logits). The logsumexp is taken one sequence
+    at a time in float32, so the peak extra memory is (T, V) rather than
+    (B, T, V): at V = 152k and T = 4k that is the difference between 2.4 GB and
+    a batch of them.
+
+    Shape: logits (B, T, V), index (B, T) -> (B, T) in float32.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return picked - lse
+    # half precision: logsumexp in half loses digits, so upcast one row at a time
+    rows = []
+    for row_logits, row_index in zip(logits, index):
+        row = row_logits.float()
+        rows.append(row.gather(-1, row_index.unsqueeze(-1)).squeeze(-1) - row.logsumexp(-1))
+    return torch.stack(rows)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(values * mask) over ``dim`` (all dims when None)."""
+    if dim is None:
+        return (values * mask).sum()
+    return (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(values * mask) / sum(mask) over ``dim``; an empty mask gives 0, not NaN."""
+    return masked_sum(values, mask, dim) / mask.sum(dim).clamp_min(1)
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, normalization: str = "sum") -> torch.Tensor:
+    """Log-probability of each response: sum of token log-probs, or their mean.
+
+    "sum" is log π(y|x) as in DPO (arXiv 2305.18290, Eq. 7). "mean" divides by
+    the response length — the length-normalised variant of SimPO
+    (arXiv 2405.14734, Eq. 4) and of background document 000.
+
+    Shape: token_logps (B, T), mask (B, T) -> (B,).
+    """
+    _check_choice("logps_normalization", normalization, ("sum", "mean"))
+    if normalization == "sum":
+        return masked_sum(token_logps, mask, dim=-1)
+    return masked_mean(token_logps, mask, dim=-1)
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization loss per pair, and the implicit rewards.
+
+    With h = (log π(y_w) - log π(y_l)) - (log π_ref(y_w) - log π_ref(y_l)):
+
+    - sigmoid: -(1-ε)·log σ(βh) - ε·log σ(-βh)   DPO, arXiv 2305.18290 Eq. 7;
+      ε > 0 is conservative DPO (label noise ε, cDPO note of Mitchell 2023).
+    - ipo:     (h - 1/(2β))²                      IPO, arXiv 2310.12036 Eq. 17.
+    - hinge:   relu(1 - βh)                       SLiC, arXiv 2305.10425 Eq. 3.
+
+    Shape: each logps argument (B,) -> (losses (B,), chosen_rewards (B,),
+    rejected_rewards (B,)). Rewards β·(log π - log π_ref) are detached.
+    """
+    _check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * h)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def reward_model_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bradley-Terry loss of a reward model: mean of -log σ(r_w - r_l - m).
+
+    InstructGPT, arXiv 2203.02155 Eq. 1; the optional margin m is Llama 2's
+    (arXiv 2307.09288 Eq. 2).
+
+    Shape: chosen_rewards (B,), rejected_rewards (B,), margin (B,) or None -> ().
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π || π_ref) from samples of π.
+
+    Schulman, "Approximating KL Divergence" (2020): with log r = rlp - lp,
+    k1 = -log r (unbiased, high variance, can be negative), k2 = ½(log r)²
+    (biased, low variance), k3 = (r - 1) - log r (unbiased, always >= 0; used by
+    GRPO, arXiv 2402.03300 Eq. 4).
+
+    Shape: logprobs (B, T), ref_logprobs (B, T) -> (B, T).
+    """
+    _check_choice("kl_estimator", kind, KL_ESTIMATORS)
+    log_ratio = ref_logprobs - logprobs
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation over response tokens.
+
+    Schulman et al., arXiv 1506.02438 Eq. 16: δ_t = r_t + γ V_{t+1} - V_t and
+    A_t = δ_t + γλ A_{t+1}; returns R_t = A_t + V_t. The value after the last
+    response token is 0 (the episode ends). Masked positions contribute
+    nothing and get 0. Vectorised over the batch; the recursion runs backwards
+    over T (a loop over time, not over sequences or tokens of the batch).
+
+    Shape: rewards, values, mask (B, T) -> (advantages (B, T), returns (B, T)),
+    both detached.
+    """
+    rewards, values, mask = rewards.detach(), values.detach(), mask.to(rewards.dtype)
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[-1]
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[..., 0])
+    next_advantage = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(T)):
+        m = mask[..., t]
+        delta = rewards[..., t] + gamma * next_value - values[..., t]
+        adv_t = delta + gamma * lam * next_advantage
+        advantages[..., t] = adv_t * m
+        # a masked position passes the later value/advantage through unchanged,
+        # so padding inside a sequence (left-padded prompts) is skipped over
+        next_value = torch.where(m.bool(), values[..., t], next_value)
+        next_advantage = torch.where(m.bool(), adv_t, next_advantage)
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise to unit variance over masked positions (PPO advantage whitening).
+
+    Ziegler et al., arXiv 1909.08593, as in OpenAI lm-human-preferences. With
+    shift_mean=False the mean is added back (used for returns / rewards).
+    Variance is Bessel-corrected. Masked positions come back as 0.
+
+    Shape: values (B, T), mask (B, T) -> (B, T).
+    """
+    mean = masked_mean(values, mask)
+    n = mask.sum()
+    var = masked_sum((values - mean) ** 2, mask) / (n - 1).clamp_min(1)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective of PPO, as a loss (masked token mean).
+
+    Schulman et al., arXiv 1707.06347 Eq. 7: L = -min(ρA, clip(ρ, 1-ε, 1+ε_h)A)
+    with ρ = exp(lp - lp_old). ε_h = epsilon_high is DAPO's clip-higher
+    (arXiv 2503.14476 Eq. 10); None means ε_h = ε.
+
+    Shape: all arguments (B, T) -> (loss (), stats). Stats (detached):
+    clip_ratio (fraction of tokens where the clip is active), clip_ratio/low,
+    clip_ratio/high, approx_kl (k3 of old vs new, masked mean).
+    """
+    per_token, stats = ppo_token_losses(logprobs, old_logprobs, advantages, epsilon, epsilon_high)
+    loss = masked_mean(per_token, mask)
+    return loss, {k: masked_mean(v, mask) for k, v in stats.items()}
+
+
+def ppo_token_losses(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped surrogate -min(ρA, clip(ρ)A), before aggregation.
+
+    See ``ppo_policy_loss``; GRPO aggregates these with ``aggregate_loss``.
+    Shape: (B, T) -> ((B, T), stats of (B, T) detached indicator tensors).
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * advantages
+    per_token = -torch.min(unclipped, clipped)
+    with torch.no_grad():
+        # the clip binds only where it lowers the objective: below for A < 0,
+        # above for A > 0
+        low = ((ratio < 1 - epsilon) & (advantages < 0)).float()
+        high = ((ratio > 1 + eps_high) & (advantages > 0)).float()
+        stats = {
+            "clip_ratio": low + high,
+            "clip_ratio/low": low,
+            "clip_ratio/high": high,
+            "approx_kl": torch.exp(-log_ratio) - 1 + log_ratio,
+        }
+    return per_token, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float | None = None,
+) -> torch.Tensor:
+    """Clipped value loss: masked mean of ½·max((V-R)², (V_clip-R)²).
+
+    V_clip = old + clip(V - old, -c, c), the value clipping of OpenAI baselines
+    PPO2 (implementation detail 9 of Huang et al., "The 37 Implementation
+    Details of PPO", 2022). Without clipping: ½·(V-R)².
+
+    Shape: values, old_values, returns, mask (B, T) -> ().
+    """
+    losses = (values - returns) ** 2
+    if cliprange_value is not None:
+        clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+        losses = torch.max(losses, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(losses, mask)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages of GRPO: each reward minus its group's mean.
+
+    GRPO, arXiv 2402.03300 §4.1.2: Â = (r - mean(r_g)) / std(r_g). scale
+    "batch" divides by the whole batch's std instead (arXiv 2508.08221);
+    "none" leaves it unscaled, as Dr. GRPO argues (arXiv 2503.20783 §3.1).
+    std is Bessel-corrected (torch.std's default).
+
+    Shape: rewards (N·G,) in groups of G consecutive completions -> (N·G,).
+    """
+    _check_choice("scale_rewards", scale, GROUP_SCALES)
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1)
+        return centred / (std + eps)
+    if scale == "batch":
+        return centred / (rewards.std() + eps)
+    return centred
+
+
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "grpo",
+    max_completion_length: int | None = None,
+    num_tokens: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar, the way each GRPO variant does.
+
+    - grpo:    mean over each sequence's tokens, then over sequences
+               (GRPO, arXiv 2402.03300 Eq. 3).
+    - bnpo:    token mean over the batch: sum / sum(mask).
+    - dr_grpo: sum / (B · max_completion_length), a constant normaliser free of
+               length bias (Dr. GRPO, arXiv 2503.20783 Eq. 3).
+    - dapo:    sum / number of tokens in the whole accumulated batch, passed as
+               ``num_tokens`` (DAPO, arXiv 2503.14476 Eq. 8, token-level loss);
+               without it this equals bnpo.
+
+    Shape: per_token (B, T), mask (B, T) -> ().
+    """
+    _check_choice("loss_type", mode, AGGREGATIONS)
+    if mode == "grpo":
+        return masked_mean(per_token, mask, dim=-1).mean()
+    if mode == "bnpo":
+        return masked_mean(per_token, mask)
+    if mode == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("dr_grpo needs max_completion_length")
+        return masked_sum(per_token, mask) / (per_token.shape[0] * max_completion_length)
+    denominator = mask.sum() if num_tokens is None else num_tokens
+    return masked_sum(per_token, mask) / torch.clamp(torch.as_tensor(denominator, dtype=per_token.dtype), min=1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax distribution at each position: -Σ p log p.
+
+    Computed one sequence at a time in float32, like ``selective_log_softmax``.
+    Shape: logits (B, T, V) -> (B, T).
+    """
+    rows = []
+    for row in logits:
+        row = row.float()
+        logp = torch.log_softmax(row, dim=-1)
+        rows.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(rows)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over masked positions: how much of the return the
+    critic explains (1 perfect, 0 no better than a constant, < 0 worse).
+
+    The PPO "debug variable" of CleanRL / OpenAI baselines. Shape: (B, T) -> ().
+    """
+    mean_r = masked_mean(returns, mask)
+    var_r = masked_mean((returns - mean_r) ** 2, mask)
+    resid = returns - values
+    mean_e = masked_mean(resid, mask)
+    var_e = masked_mean((resid - mean_e) ** 2, mask)
+    return 1 - var_e / var_r.clamp_min(1e-8)
+
+
+def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, n_steps: int, horizon: int) -> float:
+    """The adaptive KL controller of Ziegler et al., arXiv 1909.08593 §2.2.
+
+    e = clip(KL / KL_target - 1, -0.2, 0.2); β ← β·(1 + e·n / horizon), where
+    KL is the mean per-sequence KL of the last batch and n its sample count.
+    """
+    error = min(max(current_kl / target_kl - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

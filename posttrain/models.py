@@ -1,0 +1,272 @@
+"""Load policy, reference, reward and value models from local folders; build `tiny`.
+
+Every model goes through the same transformers loading path: the embedded tiny
+model is a Qwen2 config plus a character-level tokenizer trained here with the
+`tokenizers` library, both written with ``save_pretrained`` and read back with
+``AutoModelForCausalLM`` / ``AutoTokenizer`` like any real checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from posttrain.errors import UserError
+from posttrain.losses import entropy_from_logits, selective_log_softmax
+
+PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
+
+# ChatML, as Qwen2 uses it: <|im_start|>role\ncontent<|im_end|>\n
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# Qwen2's pre-tokenizer pattern: \p{N} isolates every digit, so no merge can join digits
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def build_tiny_tokenizer(corpus: list[str], output_dir: str | Path):
+    """A byte-level BPE in Qwen2's own layout, trained on the corpus with no merges.
+
+    With no merges every ASCII character is one token, which keeps digits
+    separate and is what lets a 0.8M-parameter model learn column addition.
+    It uses Qwen2's pre-tokenizer and byte-level alphabet, so transformers'
+    Qwen2 tokenizer class (which AutoTokenizer picks for a qwen2 config)
+    rebuilds exactly this tokenizer from the saved vocabulary.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, EOS, IM_START]
+    core = Tokenizer(models.BPE())
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    core.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(specials), special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=False)
+    core.train_from_iterator(list(corpus), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START],
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(str(output_dir))
+    return tokenizer
+
+
+def build_tiny_model(corpus: list[str], output_dir: str | Path, seed: int = 0, hidden_size: int = 128,
+                     num_layers: int = 3, num_heads: int = 4, intermediate_size: int = 512) -> Path:
+    """Write a randomly initialised tiny Qwen2 model and its tokenizer to output_dir."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    output_dir = Path(output_dir)
+    tokenizer = build_tiny_tokenizer(corpus, output_dir)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(output_dir))
+    return output_dir
+
+
+def _check_dir(path: str, field: str) -> None:
+    if not Path(path).is_dir() or not (Path(path) / "config.json").is_file():
+        raise UserError(f"{field}: {path!r} is not a local model folder (no config.json); "
+                        "posttrain never downloads models")
+
+
+def load_tokenizer(path: str, field: str = "model_name_or_path"):
+    from transformers import AutoTokenizer
+
+    _check_dir(path, field)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool = True):
+    """AutoModelForCausalLM in float32 (bf16 runs use autocast over fp32 master weights)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_dir(path, field)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.train() if trainable else freeze(model)
+
+
+def load_scalar_model(path: str, field: str, trainable: bool = True):
+    """A reward model or critic: AutoModelForSequenceClassification with num_labels=1.
+
+    From a causal-LM checkpoint the trunk is reused and the scalar head `score`
+    starts at zero, so a new critic predicts 0 everywhere.
+    """
+    from transformers import AutoModelForSequenceClassification, logging
+
+    _check_dir(path, field)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "newly initialized score weights" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    finally:
+        logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if not _was_trained_as_scalar(path):
+        nn.init.zeros_(model.score.weight)
+    return model.train() if trainable else freeze(model)
+
+
+def _was_trained_as_scalar(path: str) -> bool:
+    import json
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    return any("SequenceClassification" in a for a in config.get("architectures") or [])
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def apply_lora(model, r: int, alpha: int, target_modules: str):
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_policy_and_reference(cfg, need_reference: bool = True):
+    """Tokenizer, trainable policy (LoRA-wrapped with use_peft) and frozen reference.
+
+    The reference is ``ref_model_name_or_path`` or else the starting policy.
+    It is None when not needed (GRPO with beta 0) and with LoRA when no
+    separate reference is named: then the base with adapters off serves.
+    """
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    policy = load_causal_lm(cfg.model_name_or_path)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    if cfg.use_peft:
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+    ref = None
+    if need_reference and (cfg.ref_model_name_or_path or not cfg.use_peft):
+        ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, "ref_model_name_or_path",
+                             trainable=False)
+    return tokenizer, policy, ref
+
+
+@contextlib.contextmanager
+def reference_mode(policy, ref_model):
+    """Yield the model that computes reference log-probs.
+
+    With LoRA and no separate reference, the reference is the base model with
+    the adapters switched off: no second copy of the weights.
+    """
+    if ref_model is not None:
+        yield ref_model
+    elif hasattr(policy, "disable_adapter"):
+        with policy.disable_adapter():
+            yield policy
+    else:
+        raise ValueError("no reference model and the policy has no adapters to disable")
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+                return_entropy: bool = False, return_hidden: bool = False, entropy_grad: bool = False):
+    """Log-probability of each next token under ``model``.
+
+    Returns (B, L-1) where position t scores input_ids[:, t+1]; with
+    ``logits_to_keep = K`` only the last K positions are scored (B, K), which
+    skips the prompt's logits entirely when completions sit at the right end.
+    ``return_entropy`` adds the (B, K) entropy (detached unless ``entropy_grad``);
+    ``return_hidden`` adds the last hidden states (B, L, H) for a value head
+    on the same trunk.
+    """
+    keep = {"logits_to_keep": logits_to_keep + 1} if logits_to_keep else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                output_hidden_states=return_hidden, **keep)
+    logits = out.logits[:, :-1]  # (B, K, V): the last position predicts beyond the input
+    targets = input_ids[:, 1:] if not logits_to_keep else input_ids[:, -logits_to_keep:]
+    result = [selective_log_softmax(logits, targets)]
+    if return_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            result.append(entropy_from_logits(logits if entropy_grad else logits.detach()))
+    if return_hidden:
+        result.append(out.hidden_states[-1])
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def scalar_head(model) -> nn.Module:
+    return model.score
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position scalar of a sequence-classification model: (B, L).
+
+    Runs the trunk once and applies the `score` head at every position (the
+    transformers forward pools to one position, a critic needs them all).
+    """
+    trunk = model.base_model
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return scalar_head(model)(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row, for left or right padding. (B,)"""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(-1)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score of each sequence, read at its last non-padding token. (B,)"""
+    values = token_values(model, input_ids, attention_mask)
+    return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prepare_model(path: str, cfg, corpus_fn=None) -> str:
+    """Resolve model_name_or_path: build `tiny` into output_dir/tiny-init, else check the folder."""
+    if path != "tiny":
+        _check_dir(path, "model_name_or_path")
+        return path
+    target = Path(cfg.output_dir) / "tiny-init"
+    if not (target / "config.json").is_file():
+        build_tiny_model(corpus_fn(), target, seed=cfg.seed, hidden_size=cfg.tiny_hidden_size,
+                         num_layers=cfg.tiny_num_layers, num_heads=cfg.tiny_num_heads,
+                         intermediate_size=cfg.tiny_intermediate_size)
+    return str(target)

@@ -1,0 +1,48 @@
+"""AdamW, the warm-up + decay schedule, and the clip-and-step function every recipe calls."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def build_optimizer(params: list[tuple[str, nn.Parameter]], learning_rate: float, weight_decay: float):
+    """AdamW with no weight decay on biases and norm weights (the GPT-2 / nanoGPT convention)."""
+    decay = [p for n, p in params if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in params if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine / linear decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(1.0, progress)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_ratio: float, kind: str):
+    warmup = int(round(warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, kind))
+
+
+def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, max_grad_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm, step, advance the schedule, clear gradients. Returns the pre-clip norm."""
+    if max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grads = [p.grad.norm() for p in params if p.grad is not None]
+        grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.detach()

@@ -1,0 +1,148 @@
+"""Group Relative Policy Optimization with verifiable rewards.
+
+    posttrain grpo --model_name_or_path runs/sft --dataset_name data/arith/prompts.jsonl
+
+Shao et al., arXiv 2402.03300 (DeepSeekMath) §4.1. Each step:
+
+  1. rollout     G = num_generations completions per prompt in one batched call;
+                 a prompt's G completions are consecutive rows and stay together
+  2. rewards     the reward sources, then group_advantages (no critic: the
+                 group's mean is the baseline); optionally drop groups whose
+                 rewards are all equal (they carry no signal)
+  3. cache       old log-probs (only when num_iterations > 1: otherwise the
+                 ratio is 1 at the one pass and old = current, detached) and
+                 reference log-probs (only when beta > 0: beta 0 loads no reference)
+  4. update      num_iterations passes: clipped ratio (epsilon, epsilon_high),
+                 + beta·k3 KL as a separate loss term, aggregated by loss_type
+
+The loss types follow their papers: grpo (per-sequence mean, then mean),
+bnpo (token mean), dr_grpo (Dr. GRPO, sum / (B·max_completion_length)), dapo
+(DAPO, token mean over the whole accumulated batch). See docs/papers.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain import checkpoint, metrics
+from posttrain.data import prompt_examples, read_rows
+from posttrain.evaluation import accuracy_probe
+from posttrain.losses import aggregate_loss, group_advantages, kl_penalty, masked_mean, ppo_token_losses
+from posttrain.models import load_policy_and_reference, reference_mode, token_logps
+from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
+from posttrain.rewards import RewardSources
+from posttrain.rollout import GroupRollout, generate
+from posttrain.training import (
+    PromptStream, StatsWindow, autocast, finish, resume_rl, rl_total_steps, setup_run, trainable_parameters,
+)
+
+
+def group_filter(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N·G,) bool: True for rows of groups whose rewards are not all equal."""
+    grouped = rewards.view(-1, group_size)
+    varied = (grouped.max(1).values - grouped.min(1).values) > 0
+    return varied.repeat_interleave(group_size)
+
+
+@torch.no_grad()
+def make_rollout(cfg, policy, ref, tokenizer, rewards, prompts) -> tuple[GroupRollout | None, dict]:
+    """Steps 1-3: sample G completions per prompt, score, group advantages, caches."""
+    G = cfg.num_generations
+    gen = generate(policy, tokenizer, [p.prompt_ids for p in prompts], cfg.max_completion_length, cfg.temperature,
+                   num_return_sequences=G, top_k=cfg.top_k)
+    mask, T = gen.completion_mask, gen.completion_mask.shape[1]
+    texts = [p.prompt_text for p in prompts for _ in range(G)]
+    extras = [p.extra for p in prompts for _ in range(G)]
+    scores, parts = rewards.score(texts, gen.completions, extras, (gen.input_ids, gen.attention_mask))
+    advantages = group_advantages(scores, G, cfg.scale_rewards)
+    keep = group_filter(scores, G)
+    stats = {"reward": scores.mean(), "reward_std": scores.view(-1, G).std(1).mean(),
+             "frac_reward_zero_std": 1 - keep.float().mean(), "completion_length": mask.sum(-1).mean(),
+             "truncated_ratio": gen.truncated.float().mean(), **{k: v.mean() for k, v in parts.items()}}
+    if cfg.mask_truncated_completions:
+        mask = mask * (~gen.truncated).float().unsqueeze(1)
+    rows = keep if cfg.filter_zero_std_groups else torch.ones_like(keep)
+    if not rows.any():
+        return None, stats
+    index = rows.nonzero().squeeze(1)
+    ids, attn, mask, advantages = gen.input_ids[index], gen.attention_mask[index], mask[index], advantages[index]
+    with autocast(cfg.bf16):
+        old_logps = token_logps(policy, ids, attn, T) if cfg.num_iterations > 1 else None
+        ref_logps = None
+        if cfg.beta:
+            with reference_mode(policy, ref) as ref_model:
+                ref_logps = token_logps(ref_model, ids, attn, T)
+    return GroupRollout(ids, attn, mask, advantages, old_logps, ref_logps), stats
+
+
+def grpo_loss(cfg, policy, mb: GroupRollout, T: int, num_tokens: torch.Tensor):
+    """Step 4 on one micro-batch: clipped surrogate + beta·k3, aggregated by loss_type."""
+    logps, entropy = token_logps(policy, mb.input_ids, mb.attention_mask, T, return_entropy=True)
+    old = mb.old_logps if mb.old_logps is not None else logps.detach()
+    per_token, clip_stats = ppo_token_losses(logps, old, mb.advantages.unsqueeze(1), cfg.epsilon,
+                                             cfg.epsilon_high or None)
+    stats = {k: masked_mean(v, mb.mask) for k, v in clip_stats.items() if k != "approx_kl"}
+    if cfg.beta:
+        kl = kl_penalty(logps, mb.ref_logps, "k3")
+        per_token = per_token + cfg.beta * kl
+        stats["kl"] = masked_mean(kl.detach(), mb.mask)
+    loss = aggregate_loss(per_token, mb.mask, cfg.loss_type, cfg.max_completion_length, num_tokens)
+    stats["entropy"] = masked_mean(entropy, mb.mask)
+    return loss, stats
+
+
+def update(cfg, policy, rollout: GroupRollout, optimizer, params, window: StatsWindow) -> None:
+    """num_iterations passes over the rollout, each one optimizer step of accumulated micro-batches."""
+    B, T = rollout.mask.shape
+    micro = max(1, -(-B // cfg.gradient_accumulation_steps))
+    num_tokens = rollout.mask.sum()  # for dapo: the whole accumulated batch
+    for _ in range(cfg.num_iterations):
+        for start in range(0, B, micro):
+            mb = rollout.select(torch.arange(start, min(start + micro, B)))
+            with autocast(cfg.bf16):
+                loss, stats = grpo_loss(cfg, policy, mb, T, num_tokens)
+            # dapo already divides by the whole batch's tokens; the others average micro-batch losses
+            weight = 1.0 if cfg.loss_type == "dapo" else mb.mask.shape[0] / B
+            (loss * weight).backward()
+            window.add({"loss": loss.detach(), **stats})
+        window.add({"grad_norm": clip_and_step(params, optimizer, None, cfg.max_grad_norm)})
+
+
+def main(cfg) -> None:
+    # 0. set-up: prompts, policy, reference only when beta > 0, reward sources
+    setup_run(cfg)
+    tokenizer, policy, ref = load_policy_and_reference(cfg, need_reference=cfg.beta > 0)
+    prompts = prompt_examples(read_rows(cfg.dataset_name), tokenizer, cfg.max_prompt_length)
+    rewards = RewardSources.from_config(cfg, tokenizer)
+    params = [p for _, p in trainable_parameters(policy)]
+    optimizer = build_optimizer(trainable_parameters(policy), cfg.learning_rate, cfg.weight_decay)
+    steps = rl_total_steps(cfg, len(prompts))
+    scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
+
+    state = resume_rl(cfg, {"policy": policy}, {"optimizer": optimizer, "scheduler": scheduler})
+    step = state.get("step", 0)
+    stream = PromptStream(len(prompts), cfg.per_device_train_batch_size, cfg.seed, state.get("epoch", 0),
+                          state.get("position", 0))
+    probe = accuracy_probe(policy, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, cfg.max_completion_length) \
+        if cfg.eval_dataset_name else None
+    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, state.get("elapsed_s", 0.0), cfg.progress, "grpo")
+    window, record = StatsWindow(), {}
+    while step < steps:
+        rollout, stats = make_rollout(cfg, policy, ref, tokenizer, rewards, [prompts[i] for i in stream.next()])
+        window.add(stats)
+        if rollout is not None:  # every group filtered out: no signal, no update
+            update(cfg, policy, rollout, optimizer, params, window)
+        scheduler.step()
+        step += 1
+        logger.advance()
+        if step % cfg.logging_steps == 0 or step == steps:
+            extra = probe() if probe else {}
+            record = logger.log(step, {**window.pop(), "learning_rate": scheduler.get_last_lr()[0], **extra})
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
+            checkpoint.save_checkpoint(cfg.output_dir, step, {"policy": policy},
+                                       {"optimizer": optimizer, "scheduler": scheduler},
+                                       {"elapsed_s": logger.elapsed_s, **stream.state()}, cfg.save_total_limit)
+    logger.close()
+    record["wall_s"] = round(logger.elapsed_s, 2)
+    copies = {"policy": 1, "reference": int(ref is not None), "reward_model": len(rewards.models)}
+    finish(cfg, policy, tokenizer, record, "GRPO", {"model_copies": copies})

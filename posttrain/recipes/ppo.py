@@ -1,0 +1,197 @@
+"""PPO-based RLHF: actor, critic, frozen reference and reward sources.
+
+    posttrain ppo --model_name_or_path runs/sft --dataset_name data/arith/prompts.jsonl
+    posttrain ppo --config configs/ppo_tiny.yaml --critic shared
+
+Schulman et al., arXiv 1707.06347, in the RLHF form of Ziegler et al.
+(arXiv 1909.08593) and Ouyang et al. (arXiv 2203.02155). Each step:
+
+  1. rollout   sample completions for a batch of prompts (KV cache, one call)
+  2. score     old log-probs, reference log-probs and values, once, cached —
+               there is no "old actor" model copy (the seed's 000 kept one)
+  3. rewards   r_t = -kl_coef·KL_t on every completion token, plus the
+               sequence score on the last one
+  4. GAE       advantages and returns over completion tokens, whitened
+  5. epochs    num_ppo_epochs over num_mini_batches: clipped surrogate, clipped
+               value loss, entropy bonus; stop early when approx KL > target_kl
+
+``critic: shared`` puts the value head on the actor's own trunk: one model copy
+fewer, and the value loss reaches the trunk scaled by vf_coef.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from posttrain import checkpoint, metrics
+from posttrain.data import prompt_examples, read_rows
+from posttrain.evaluation import accuracy_probe
+from posttrain.losses import (
+    adaptive_kl_coef, explained_variance, gae, kl_penalty, masked_mean, masked_sum, ppo_policy_loss, value_loss, whiten,
+)
+from posttrain.models import load_policy_and_reference, load_scalar_model, reference_mode, token_logps, token_values
+from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
+from posttrain.rewards import RewardSources
+from posttrain.rollout import Rollout, generate
+from posttrain.training import (
+    PromptStream, StatsWindow, autocast, finish, resume_rl, rl_total_steps, setup_run, trainable_parameters,
+)
+
+
+class ValueHead(nn.Module):
+    """Scalar value on the actor's last hidden state (the shared critic). Starts at 0."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.zeros_(self.score.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden).squeeze(-1).float()
+
+
+def actor_critic_forward(actor, critic, value_head, ids, attention_mask, T: int, entropy_grad: bool = False):
+    """Completion log-probs (B, T), entropies (B, T) and values (B, T) of V(s_t).
+
+    V(s_t) is read at the position *before* token t (the state it was sampled
+    from); a shared critic reads it from the same forward as the log-probs.
+    """
+    if value_head is not None:
+        logps, entropy, hidden = token_logps(actor, ids, attention_mask, T, return_entropy=True, return_hidden=True,
+                                             entropy_grad=entropy_grad)
+        values = value_head(hidden[:, -T - 1:-1])
+    else:
+        logps, entropy = token_logps(actor, ids, attention_mask, T, return_entropy=True, entropy_grad=entropy_grad)
+        values = token_values(critic, ids, attention_mask)[:, -T - 1:-1]
+    return logps, entropy, values
+
+
+@torch.no_grad()
+def make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, prompts, kl_coef: float) -> tuple[Rollout, dict]:
+    """Steps 1-4: sample, score once, shape per-token rewards, GAE."""
+    gen = generate(actor, tokenizer, [p.prompt_ids for p in prompts], cfg.max_completion_length, cfg.temperature,
+                   top_k=cfg.top_k)
+    mask, T = gen.completion_mask, gen.completion_mask.shape[1]
+    with autocast(cfg.bf16):
+        old_logps, _, values = actor_critic_forward(actor, critic, value_head, gen.input_ids, gen.attention_mask, T)
+        with reference_mode(actor, ref) as ref_model:
+            ref_logps = token_logps(ref_model, gen.input_ids, gen.attention_mask, T)
+    scores, parts = rewards.score([p.prompt_text for p in prompts], gen.completions, [p.extra for p in prompts],
+                                  (gen.input_ids, gen.attention_mask))
+    if cfg.missing_eos_penalty:
+        scores = scores - cfg.missing_eos_penalty * gen.truncated.float()
+
+    # 3. per-token reward: -β·KL everywhere, the sequence score on the last completion token
+    kl = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask
+    token_rewards = -kl_coef * kl
+    last = (mask.sum(-1).long() - 1).clamp_min(0)
+    token_rewards[torch.arange(len(last)), last] += scores
+
+    # 4. advantages
+    values = values * mask
+    advantages, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    rollout = Rollout(gen.input_ids, gen.attention_mask, mask, old_logps, ref_logps, values, advantages, returns,
+                      scores)
+    stats = {"reward": scores.mean(), "reward_std": scores.std() if len(scores) > 1 else torch.tensor(0.0),
+             "kl": masked_sum(kl, mask) / len(scores), "completion_length": mask.sum(-1).mean(),
+             "non_score_reward": masked_sum(-kl_coef * kl, mask) / len(scores),
+             **{k: v.mean() for k, v in parts.items()}}
+    return rollout, stats
+
+
+def ppo_epochs(cfg, actor, critic, value_head, rollout: Rollout, optimizer, params, window: StatsWindow) -> None:
+    """Step 5: num_ppo_epochs passes over shuffled mini-batches of the rollout."""
+    B, T = rollout.mask.shape
+    size = max(1, B // cfg.num_mini_batches)
+    for _ in range(cfg.num_ppo_epochs):
+        order = torch.randperm(B)
+        for start in range(0, B - size + 1, size):
+            mb = rollout.select(order[start:start + size])
+            with autocast(cfg.bf16):
+                logps, entropy, values = actor_critic_forward(actor, critic, value_head, mb.input_ids,
+                                                              mb.attention_mask, T, entropy_grad=cfg.entropy_coef > 0)
+                pg_loss, pg_stats = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.mask, cfg.epsilon)
+                vf_loss = value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value or None)
+                mean_entropy = masked_mean(entropy, mb.mask)
+                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
+            loss.backward()
+            grad_norm = clip_and_step(params, optimizer, None, cfg.max_grad_norm)
+            window.add({"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                        "entropy": mean_entropy.detach(), "grad_norm": grad_norm,
+                        "clip_ratio": pg_stats["clip_ratio"], "approx_kl": pg_stats["approx_kl"],
+                        "explained_variance": explained_variance(values.detach(), mb.returns, mb.mask)})
+            if cfg.target_kl and float(pg_stats["approx_kl"]) > cfg.target_kl:
+                window.add({"early_stop": 1.0})
+                return
+
+
+def main(cfg) -> None:
+    # 0. set-up: prompts, actor + reference, critic, reward sources, optimizer
+    setup_run(cfg)
+    tokenizer, actor, ref = load_policy_and_reference(cfg)
+    prompts = prompt_examples(read_rows(cfg.dataset_name), tokenizer, cfg.max_prompt_length)
+    rewards = RewardSources.from_config(cfg, tokenizer)
+    critic, value_head = None, None
+    if cfg.critic == "shared":
+        value_head = ValueHead(actor.config.hidden_size)
+    else:
+        init = cfg.critic_model_name_or_path or cfg.reward_model_name_or_path or cfg.model_name_or_path
+        critic = load_scalar_model(init, "critic_model_name_or_path")
+    value_module = value_head if value_head is not None else critic
+    actor_params = [p for _, p in trainable_parameters(actor)]
+    optimizer = build_optimizer(trainable_parameters(actor), cfg.learning_rate, cfg.weight_decay)
+    optimizer.add_param_group({"params": list(value_module.parameters()), "weight_decay": 0.0,
+                               "lr": cfg.critic_learning_rate or cfg.learning_rate})
+    params = actor_params + list(value_module.parameters())
+    steps = rl_total_steps(cfg, len(prompts))
+    scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
+
+    state = resume_rl(cfg, {"actor": actor, "critic": value_module}, {"optimizer": optimizer, "scheduler": scheduler})
+    step, kl_coef = state.get("step", 0), state.get("kl_coef", cfg.kl_coef)
+    stream = PromptStream(len(prompts), cfg.per_device_train_batch_size, cfg.seed, state.get("epoch", 0),
+                          state.get("position", 0))
+    probe = accuracy_probe(actor, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, cfg.max_completion_length) \
+        if cfg.eval_dataset_name else None
+    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, state.get("elapsed_s", 0.0), cfg.progress, "ppo")
+    window, record = StatsWindow(), {}
+    while step < steps:
+        batch = [prompts[i] for i in stream.next()]
+        rollout, stats = make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, batch, kl_coef)
+        window.add(stats)
+        ppo_epochs(cfg, actor, critic, value_head, rollout, optimizer, params, window)
+        scheduler.step()
+        if cfg.target_kl_coef:
+            kl_coef = adaptive_kl_coef(kl_coef, float(stats["kl"]), cfg.target_kl_coef, len(batch), cfg.kl_horizon)
+        step += 1
+        logger.advance()
+        if step % cfg.logging_steps == 0 or step == steps:
+            extra = probe() if probe else {}
+            record = logger.log(step, {**window.pop(), "kl_coef": kl_coef, "learning_rate": scheduler.get_last_lr()[0],
+                                       **extra})
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
+            checkpoint.save_checkpoint(cfg.output_dir, step, {"actor": actor, "critic": value_module},
+                                       {"optimizer": optimizer, "scheduler": scheduler},
+                                       {"kl_coef": kl_coef, "elapsed_s": logger.elapsed_s, **stream.state()},
+                                       cfg.save_total_limit)
+    logger.close()
+    record["wall_s"] = round(logger.elapsed_s, 2)
+
+    # 6. save: the actor at output_dir, the critic at output_dir/critic/
+    copies = {"actor": 1, "critic": 0 if value_head is not None else 1, "reference": int(ref is not None),
+              "reward_model": len(rewards.models)}
+    save_critic(cfg, critic, value_head, tokenizer)
+    finish(cfg, actor, tokenizer, record, "PPO", {"model_copies": copies, "critic": cfg.critic})
+
+
+def save_critic(cfg, critic, value_head, tokenizer) -> None:
+    from pathlib import Path
+
+    target = Path(cfg.output_dir) / "critic"
+    if critic is not None:
+        checkpoint.save_pretrained(critic, tokenizer, target)
+    else:  # shared: the trunk is the actor's; only the head is the critic's own
+        target.mkdir(parents=True, exist_ok=True)
+        torch.save(value_head.state_dict(), target / "value_head.pt")

@@ -1,0 +1,98 @@
+"""Reward model: a transformer trunk with a scalar head, trained on preference pairs.
+
+    posttrain rm --model_name_or_path runs/sft --dataset_name data/arith/preference.jsonl
+
+Bradley-Terry loss -log σ(r(x, y_w) - r(x, y_l) - m) (InstructGPT, arXiv
+2203.02155 Eq. 1; the per-pair margin m is Llama 2's). The score is read at the
+last non-padding token. ``center_rewards_coefficient`` adds
+c·mean((r_w + r_l)²) (Eisenstein et al., arXiv 2312.09244) so rewards stay near
+0. The model is saved as AutoModelForSequenceClassification (num_labels=1).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from posttrain.data import collate_preferences, preference_examples, read_rows
+from posttrain.losses import reward_model_loss
+from posttrain.models import load_scalar_model, load_tokenizer, sequence_scores
+from posttrain.training import autocast, fit, finish, setup_run
+
+
+def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of chosen (B,) and rejected (B,) from one forward over 2B rows."""
+    tokens = batch.tokens
+    scores = sequence_scores(model, tokens.input_ids, tokens.attention_mask)
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def rm_step(cfg, model, batch):
+    chosen, rejected = pair_scores(model, batch)
+    margin = batch.margin if bool((batch.margin != 0).any()) else None
+    loss = reward_model_loss(chosen, rejected, margin)
+    if cfg.center_rewards_coefficient:
+        loss = loss + cfg.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return loss, {
+        "accuracy": (chosen > rejected).float().mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+    }
+
+
+@torch.no_grad()
+def pair_accuracy(cfg, model, pairs, make_batch) -> float:
+    """Fraction of held-out pairs whose chosen response scores higher."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    size = cfg.per_device_train_batch_size * 2
+    for start in range(0, len(pairs), size):
+        with autocast(cfg.bf16):
+            chosen, rejected = pair_scores(model, make_batch(list(range(start, min(start + size, len(pairs))))))
+        correct += int((chosen > rejected).sum())
+    model.train(was_training)
+    return correct / max(1, len(pairs))
+
+
+def split_pairs(cfg, rows):
+    """(train rows, eval rows): eval_dataset_name, else a seeded eval_split of the rows."""
+    if cfg.eval_dataset_name:
+        return rows, read_rows(cfg.eval_dataset_name, "eval_dataset_name")
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = int(len(rows) * cfg.eval_split)
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def main(cfg) -> None:
+    # 1. run set-up; the trunk comes from the policy folder, the scalar head starts at 0
+    setup_run(cfg)
+    train_rows, eval_rows = split_pairs(cfg, read_rows(cfg.dataset_name))
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    # 2. tokenise the pairs
+    train = preference_examples(train_rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    held_out = preference_examples(eval_rows, tokenizer, cfg.max_length, cfg.max_prompt_length) if eval_rows else []
+    lengths = [len(p.chosen.prompt_ids) + max(len(p.chosen.completion_ids), len(p.rejected.completion_ids)) for p in train]
+
+    def batch_of(pairs):
+        return lambda idx: collate_preferences([pairs[i] for i in idx], idx, tokenizer.pad_token_id)
+
+    evaluate = (lambda: {"eval/pair_accuracy": pair_accuracy(cfg, model, held_out, batch_of(held_out))}) if held_out else None
+
+    # 3. train
+    record = fit(cfg, model, lengths, batch_of(train), lambda batch: rm_step(cfg, model, batch), evaluate, desc="rm")
+
+    # 4. save (AutoModelForSequenceClassification loads it) with the held-out accuracy
+    accuracy = pair_accuracy(cfg, model, held_out, batch_of(held_out)) if held_out else None
+    finish(cfg, model, tokenizer, record, "Reward model",
+           {"report": {"pair_accuracy": accuracy, "eval_pairs": len(held_out)}})

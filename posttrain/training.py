@@ -1,0 +1,190 @@
+"""The pieces every recipe calls: run set-up, step counts, autocast, and the
+epoch loop of the dataset-driven stages (sft, rm, dpo).
+
+`fit` owns what is identical across those stages — length-grouped batches,
+gradient accumulation, clipping, the schedule, logging, checkpoints and exact
+resume — and takes the stage's loss as a function. PPO and GRPO have their own
+rollout loops in their recipes and call the same optim / checkpoint / metrics
+functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from posttrain import checkpoint, metrics
+from posttrain.config import save_config
+from posttrain.data import length_grouped_batches
+from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
+
+
+def setup_run(cfg) -> None:
+    """Threads, seeds, output_dir and config.yaml: the first step of every recipe."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+
+
+def total_steps(cfg, micro_batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_steps, else epochs x micro-batches / accumulation."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * micro_batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+def autocast(enabled: bool):
+    """bf16 autocast over fp32 weights; a no-op context when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def trainable_parameters(*models) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for m in models for n, p in m.named_parameters() if p.requires_grad]
+
+
+class StatsWindow:
+    """Running means of detached stats between two log lines."""
+
+    def __init__(self):
+        self.sums, self.counts = defaultdict(float), defaultdict(int)
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            self.sums[k] += float(v)
+            self.counts[k] += 1
+
+    def pop(self) -> dict:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+def fit(
+    cfg,
+    model: torch.nn.Module,
+    lengths: list[int],
+    make_batch: Callable[[list[int]], object],
+    loss_fn: Callable[[object], tuple[torch.Tensor, dict]],
+    evaluate: Callable[[], dict] | None = None,
+    desc: str = "train",
+) -> dict:
+    """Train ``model`` on the examples whose token lengths are ``lengths``.
+
+    ``make_batch(indices)`` collates a micro-batch; ``loss_fn(batch)`` returns
+    the mean loss and a dict of detached stats. Returns the last log record.
+    """
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(params, cfg.learning_rate, cfg.weight_decay)
+    batch_size, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    micro_per_epoch = len(length_grouped_batches(lengths, batch_size, cfg.seed, 0))
+    steps = total_steps(cfg, micro_per_epoch)
+    scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
+
+    # resume: modules, optimizer, schedule, RNG and the data position (epoch, micro-batch)
+    step, epoch, micro, elapsed = 0, 0, 0, 0.0
+    resume = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    if resume is not None:
+        state = checkpoint.load_checkpoint(resume, {"model": model}, {"optimizer": optimizer, "scheduler": scheduler})
+        step, epoch, micro, elapsed = state["step"], state["epoch"], state["micro"], state["elapsed_s"]
+        print(f"resumed from {resume} at step {step}")
+
+    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, elapsed, cfg.progress, desc)
+    window = StatsWindow()
+    record: dict = {}
+    model.train()
+    while step < steps:
+        batches = length_grouped_batches(lengths, batch_size, cfg.seed, epoch)
+        while micro < len(batches) and step < steps:
+            # one optimizer step = `accum` micro-batches (fewer at the end of an epoch)
+            group = batches[micro:micro + accum]
+            for indices in group:
+                with autocast(cfg.bf16):
+                    loss, stats = loss_fn(make_batch(indices))
+                (loss * len(indices) / sum(len(g) for g in group)).backward()
+                window.add({"loss": loss.detach(), **stats})
+            micro += len(group)
+            grad_norm = clip_and_step([p for _, p in params], optimizer, scheduler, cfg.max_grad_norm)
+            window.add({"grad_norm": grad_norm})
+            step += 1
+            logger.advance()
+            if step % cfg.logging_steps == 0 or step == steps:
+                extra = evaluate() if evaluate is not None else {}
+                model.train()
+                lr = scheduler.get_last_lr()[0]
+                record = logger.log(step, {"epoch": round(epoch + micro / len(batches), 4), **window.pop(),
+                                           "learning_rate": lr, **extra})
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
+                checkpoint.save_checkpoint(cfg.output_dir, step, {"model": model},
+                                           {"optimizer": optimizer, "scheduler": scheduler},
+                                           {"epoch": epoch, "micro": micro, "elapsed_s": logger.elapsed_s},
+                                           cfg.save_total_limit)
+        if micro >= len(batches):
+            epoch, micro = epoch + 1, 0
+    logger.close()
+    record["wall_s"] = round(logger.elapsed_s, 2)
+    return record
+
+
+def finish(cfg, model, tokenizer, record: dict, title: str, extra: dict | None = None) -> None:
+    """Final HF-format save, plots and summary.json: the last step of every recipe."""
+    checkpoint.save_pretrained(model, tokenizer, cfg.output_dir)
+    metrics.plot_metrics(cfg.output_dir, title)
+    summary = {"wall_s": record.get("wall_s"), "peak_rss_mb": round(metrics.peak_rss_mb(), 1),
+               "final": record, **(extra or {})}
+    metrics.write_summary(cfg.output_dir, summary)
+
+
+class PromptStream:
+    """Batches of prompt indices for the RL stages, in a seeded order per epoch.
+
+    The position (epoch, batch) is part of every checkpoint, so a resumed run
+    sees the same prompts in the same order as an uninterrupted one.
+    """
+
+    def __init__(self, num_prompts: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+        self.num_prompts, self.batch_size, self.seed = num_prompts, batch_size, seed
+        self.epoch, self.position = epoch, position
+
+    def _order(self) -> list[list[int]]:
+        return length_grouped_batches([0] * self.num_prompts, self.batch_size, self.seed, self.epoch, drop_last=True) \
+            or [list(range(self.num_prompts))]
+
+    def next(self) -> list[int]:
+        batches = self._order()
+        if self.position >= len(batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            batches = self._order()
+        self.position += 1
+        return batches[self.position - 1]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def resume_rl(cfg, modules: dict, optimizers: dict) -> dict:
+    """Restore an RL run from resume_from_checkpoint; returns its state ({} when starting fresh)."""
+    path = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    if path is None:
+        return {}
+    print(f"resumed from {path}")
+    return checkpoint.load_checkpoint(path, modules, optimizers)
+
+
+def rl_total_steps(cfg, num_prompts: int) -> int:
+    """Rollout batches of the run: max_steps, else epochs over the prompts."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * num_prompts / cfg.per_device_train_batch_size))
