@@ -53,6 +53,8 @@ class CommonConfig:
     """Longest prompt + completion in tokens; longer rows are truncated (see README, Truncation)."""
     max_prompt_length: int = 256
     """Longest prompt in tokens; longer prompts keep their last tokens."""
+    group_by_length: bool = False
+    """Batch rows of similar length together: less padding, but each batch is a biased sample."""
     logging_steps: int = 10
     """Write a line to metrics.jsonl every this many optimizer steps."""
     save_steps: int = 0

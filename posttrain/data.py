@@ -271,7 +271,7 @@ def prompt_examples(rows: list[Row], tokenizer, max_prompt_length: int) -> list[
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                           shuffle: bool = True, drop_last: bool = False) -> list[list[int]]:
+                           shuffle: bool = True, drop_last: bool = False, group: bool = True) -> list[list[int]]:
     """Indices in batches of similar length, deterministic in (seed, epoch).
 
     Shuffle, cut into mega-batches of 50 batches, sort each by length, cut into
@@ -283,7 +283,7 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
     rng = random.Random(seed * 100003 + epoch)
     if shuffle:
         rng.shuffle(order)
-    mega = batch_size * 50
+    mega = batch_size * 50 if group else batch_size
     batches = []
     for start in range(0, len(order), mega):
         chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i]) if shuffle else order[start:start + mega]

@@ -40,8 +40,9 @@ class Stage:
 SFT_MODEL = "{out}/sft"
 STAGES = [
     Stage("sft", "sft", {
-        "model_name_or_path": "tiny", "dataset_name": "{data}/sft.jsonl", "learning_rate": 2e-3,
-        "per_device_train_batch_size": 64, "max_steps": 900, "warmup_ratio": 0.03, "logging_steps": 50,
+        "model_name_or_path": "tiny", "dataset_name": "{data}/sft.jsonl", "learning_rate": 1e-3,
+        "per_device_train_batch_size": 64, "max_steps": 1200, "warmup_ratio": 0.02, "logging_steps": 50,
+        "lr_scheduler_type": "constant",
         "eval_dataset_name": "{data}/eval.jsonl", "max_length": 16, "max_prompt_length": 8, "num_threads": 2,
     }, quick={"max_steps": 30, "logging_steps": 10, "eval_max_rows": 32}),
     Stage("dpo", "dpo", {

@@ -89,7 +89,7 @@ def fit(
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.learning_rate, cfg.weight_decay)
     batch_size, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    micro_per_epoch = len(length_grouped_batches(lengths, batch_size, cfg.seed, 0))
+    micro_per_epoch = len(length_grouped_batches(lengths, batch_size, cfg.seed, 0, group=cfg.group_by_length))
     steps = total_steps(cfg, micro_per_epoch)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
@@ -106,7 +106,7 @@ def fit(
     record: dict = {}
     model.train()
     while step < steps:
-        batches = length_grouped_batches(lengths, batch_size, cfg.seed, epoch)
+        batches = length_grouped_batches(lengths, batch_size, cfg.seed, epoch, group=cfg.group_by_length)
         while micro < len(batches) and step < steps:
             # one optimizer step = `accum` micro-batches (fewer at the end of an epoch)
             group = batches[micro:micro + accum]

@@ -50,7 +50,7 @@ def write_datasets(
     output_dir: str | Path,
     seed: int = 0,
     carry_error_rate: float = 0.6,
-    num_sft: int = 8000,
+    num_sft: int = 40000,
     num_preference: int = 4000,
     num_prompts: int = 4000,
     num_eval: int = 300,
@@ -65,7 +65,7 @@ def write_datasets(
         return [train_pairs[rng.randrange(len(train_pairs))] for _ in range(n)]
 
     sft = []
-    for a, b in sample(num_sft):
+    for a, b in sample(num_sft):  # many rows: with few, a tiny model memorises instead of adding
         wrong = has_carry(a, b) and rng.random() < carry_error_rate
         sft.append({"prompt": prompt_of(a, b), "completion": str(dropped_carry(a, b) if wrong else a + b)})
 
