@@ -38,22 +38,43 @@ class Stage:
 
 
 SFT_MODEL = "{out}/sft"
+SHORT = {"max_length": 16, "max_prompt_length": 8, "num_threads": 1}  # arith rows are ~10 tokens
+RL = {"model_name_or_path": SFT_MODEL, "dataset_name": "{data}/prompts.jsonl", "eval_dataset_name": "{data}/eval.jsonl",
+      "reward_funcs": ["exact_match"], "max_completion_length": 4, "temperature": 1.0, "lr_scheduler_type": "constant",
+      "logging_steps": 10, **SHORT}
+PPO = {**RL, "learning_rate": 5e-5, "critic_learning_rate": 1e-4, "per_device_train_batch_size": 64,
+       "num_ppo_epochs": 4, "num_mini_batches": 2, "kl_coef": 0.05, "vf_coef": 0.1, "max_steps": 150}
+RL_QUICK = {"max_steps": 4, "logging_steps": 2, "eval_max_rows": 16, "per_device_train_batch_size": 16}
+
 STAGES = [
     Stage("sft", "sft", {
         "model_name_or_path": "tiny", "dataset_name": "{data}/sft.jsonl", "learning_rate": 1e-3,
-        "per_device_train_batch_size": 64, "max_steps": 1200, "warmup_ratio": 0.02, "logging_steps": 50,
-        "lr_scheduler_type": "constant",
-        "eval_dataset_name": "{data}/eval.jsonl", "max_length": 16, "max_prompt_length": 8, "num_threads": 2,
+        "per_device_train_batch_size": 64, "max_steps": 600, "warmup_ratio": 0.02, "logging_steps": 25,
+        "lr_scheduler_type": "constant", "eval_dataset_name": "{data}/eval.jsonl", **SHORT, "num_threads": 2,
     }, quick={"max_steps": 30, "logging_steps": 10, "eval_max_rows": 32}),
+    Stage("rm", "rm", {
+        "model_name_or_path": SFT_MODEL, "dataset_name": "{data}/preference.jsonl", "learning_rate": 3e-4,
+        "per_device_train_batch_size": 64, "max_steps": 150, "logging_steps": 10, "eval_split": 0.1, **SHORT,
+    }, quick={"max_steps": 6, "logging_steps": 2}, after=("sft",), policy=False),
     Stage("dpo", "dpo", {
         "model_name_or_path": SFT_MODEL, "dataset_name": "{data}/preference.jsonl", "learning_rate": 1e-5,
         "beta": 0.1, "rpo_alpha": 1.0, "per_device_train_batch_size": 64, "max_steps": 300, "logging_steps": 20,
-        "lr_scheduler_type": "constant", "max_length": 16, "max_prompt_length": 8, "num_threads": 1,
+        "lr_scheduler_type": "constant", **SHORT,
     }, quick={"max_steps": 20, "logging_steps": 5}, after=("sft",)),
+    Stage("ppo", "ppo", PPO, quick=RL_QUICK, after=("sft",)),
+    Stage("ppo_shared", "ppo", {**PPO, "critic": "shared"}, quick=RL_QUICK, after=("sft",)),
+    Stage("ppo_rm", "ppo", {**PPO, "reward_funcs": [], "reward_model_name_or_path": "{out}/rm"}, quick=RL_QUICK,
+          after=("sft", "rm")),
+    Stage("grpo", "grpo", {
+        **RL, "learning_rate": 1e-4, "per_device_train_batch_size": 32, "num_generations": 8, "beta": 0.04,
+        "max_steps": 200,
+    }, quick=RL_QUICK, after=("sft",)),
 ]
 
 
 def _fill(value, paths: dict):
+    if isinstance(value, list):
+        return [_fill(v, paths) for v in value]
     return value.format(**paths) if isinstance(value, str) else value
 
 

@@ -55,7 +55,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     (B, T, V): at V = 152k and T = 4k that is the difference between 2.4 GB and
     a batch of them.
 
-    Shape: logits (B, T, V), index (B, T) -> (B, T) in float32.
+    Shape: logits (B, T, V), index (B, T) -> (B, T), float32 (float64 input stays float64).
     """
     if logits.dtype in (torch.float32, torch.float64):
         picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
@@ -310,6 +310,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     Shape: rewards (N·G,) in groups of G consecutive completions -> (N·G,).
     """
     _check_choice("scale_rewards", scale, GROUP_SCALES)
+    if group_size < 2:
+        raise ValueError("group_size must be >= 2: a group of one has no baseline")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
@@ -365,7 +367,8 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     for row in logits:
         row = row.float()
         logp = torch.log_softmax(row, dim=-1)
-        rows.append(-(logp.exp() * logp).sum(-1))
+        # p·log p is 0 where p is 0 (masked logits of -inf), not NaN
+        rows.append(-torch.where(logp.isfinite(), logp.exp() * logp, 0.0).sum(-1))
     return torch.stack(rows)
 
 

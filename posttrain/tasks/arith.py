@@ -3,6 +3,10 @@
     posttrain data arith --output_dir data/arith
 
 Prompts are bare strings like ``"57+68="`` and completions the sum, ``"125"``.
+Operands run from 50 to 99, so every sum has three digits and each digit sits
+at a fixed distance from the operand digits it depends on: a 0.8M-parameter
+model learns the column addition in a few hundred steps (with operands from
+10, answers of two or three digits made it several times slower and erratic).
 The SFT demonstrations are flawed on purpose and *systematically*: a share
 (``carry_error_rate``) of the sums whose ones column carries drop that carry
 (57+68 -> "115"), so the SFT model learns a wrong habit that shows under greedy
@@ -54,10 +58,12 @@ def write_datasets(
     num_preference: int = 4000,
     num_prompts: int = 4000,
     num_eval: int = 300,
+    operands: tuple[int, int] = (50, 99),
 ) -> dict[str, Path]:
     """Write the four .jsonl files of the task; returns their paths by role."""
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    low, high = operands
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
     rng.shuffle(pairs)
     eval_pairs, train_pairs = pairs[:num_eval], pairs[num_eval:]
 

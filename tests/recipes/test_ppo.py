@@ -1,0 +1,266 @@
+"""End-to-end tests of the PPO recipe (posttrain.recipes.ppo) on the random tiny Qwen2.
+
+Rewards come from tests/recipes/reward_helpers.py (``reward_helpers:NAME``): a
+random policy earns ``ascii_frac`` about 40% of the way, so a working PPO loop
+raises it within a few dozen rollouts; ``prompt_low`` depends only on the
+prompt, so only a working critic can explain it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from reward_helpers import read_jsonl, run_recipe, thirds
+
+import posttrain.checkpoint
+import posttrain.recipes.ppo as ppo_recipe
+
+PPO_KEYS = ("reward", "reward_std", "kl", "entropy", "clip_ratio", "approx_kl", "policy_loss", "value_loss",
+            "explained_variance", "completion_length")
+
+
+def base_fields(tiny_qwen, arith_data, **extra) -> dict:
+    fields = {
+        "model_name_or_path": tiny_qwen,
+        "dataset_name": arith_data["prompts"],
+        "reward_funcs": "reward_helpers:ascii_frac",
+        "max_completion_length": 4,
+        "per_device_train_batch_size": 16,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "num_ppo_epochs": 2,
+        "logging_steps": 1,
+    }
+    fields.update(extra)
+    return fields
+
+
+def series(records: list[dict], key: str) -> list[float]:
+    return [r[key] for r in records if key in r]
+
+
+# ------------------------------------------------------------------ a learning run (separate critic)
+
+
+@pytest.fixture(scope="module")
+def separate_run(tmp_path_factory, tiny_qwen, arith_data):
+    out = tmp_path_factory.mktemp("ppo_separate")
+    records, summary = run_recipe("ppo", out, **base_fields(tiny_qwen, arith_data, max_steps=30))
+    return out, records, summary
+
+
+@pytest.mark.slow
+def test_ppo_reward_rises(separate_run):
+    _, records, _ = separate_run
+    rewards = series(records, "reward")
+    assert len(rewards) == 30
+    first, last = thirds(rewards)
+    assert last > first + 0.15, f"reward did not rise: first third {first:.3f}, last third {last:.3f}: {rewards}"
+
+
+@pytest.mark.slow
+def test_ppo_logs_every_metric(separate_run):
+    _, records, _ = separate_run
+    assert [r["step"] for r in records] == list(range(1, 31))
+    for record in records:
+        missing = [k for k in PPO_KEYS if k not in record]
+        assert not missing, f"step {record['step']} lacks {missing}"
+        for key in PPO_KEYS:
+            assert isinstance(record[key], float) and math.isfinite(record[key]), (key, record[key])
+        assert record["completion_length"] <= 4
+        assert 0.0 <= record["clip_ratio"] <= 1.0
+        assert record["entropy"] > 0
+        assert record["reward_std"] >= 0
+    assert "rewards/reward_helpers:ascii_frac" in records[-1]
+
+
+@pytest.mark.slow
+def test_ppo_separate_critic_saved(separate_run, tiny_qwen):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out, _, summary = separate_run
+    assert summary["model_copies"] == {"actor": 1, "critic": 1, "reference": 1, "reward_model": 0}
+    assert summary["critic"] == "separate"
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "critic", num_labels=1)
+    # the value head starts at 0 (load_scalar_model) and must have been trained
+    assert critic.score.weight.abs().sum() > 0
+    actor = AutoModelForCausalLM.from_pretrained(out)
+    start = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    name = "model.embed_tokens.weight"
+    assert not torch.equal(actor.state_dict()[name], start.state_dict()[name]), "the actor was not trained"
+
+
+# ------------------------------------------------------------------ the critic
+
+
+@pytest.mark.slow
+def test_ppo_explained_variance_rises(tmp_path, tiny_qwen, arith_data):
+    # prompt_low depends only on the prompt: a learning critic explains more and more of the return
+    records, _ = run_recipe("ppo", tmp_path, **base_fields(tiny_qwen, arith_data, max_steps=30,
+                                                           reward_funcs="reward_helpers:prompt_low"))
+    ev = series(records, "explained_variance")
+    assert len(ev) == 30
+    assert max(ev) > 0
+    first, last = thirds(ev)
+    assert last > ev[0] + 0.2 and last > 0.2, f"explained variance did not rise: {ev}"
+
+
+@pytest.mark.slow
+def test_ppo_shared_critic_learns(tmp_path, tiny_qwen, arith_data):
+    records, summary = run_recipe("ppo", tmp_path, **base_fields(
+        tiny_qwen, arith_data, max_steps=30, critic="shared",
+        reward_funcs="reward_helpers:prompt_low,reward_helpers:ascii_frac"))
+    assert summary["model_copies"] == {"actor": 1, "critic": 0, "reference": 1, "reward_model": 0}
+    assert summary["critic"] == "shared"
+    ev = series(records, "explained_variance")
+    first_ev, last_ev = thirds(ev)
+    assert last_ev > ev[0] + 0.2 and last_ev > 0.2, f"shared critic did not learn: {ev}"
+    first, last = thirds(series(records, "rewards/reward_helpers:ascii_frac"))
+    assert last > first + 0.1, f"shared-critic policy did not learn: {first:.3f} -> {last:.3f}"
+    for record in records:
+        assert all(k in record for k in PPO_KEYS)
+    head = tmp_path / "critic" / "value_head.pt"
+    assert head.is_file()
+    state = torch.load(head, weights_only=True)
+    assert set(state) == {"score.weight"}
+    assert state["score.weight"].shape == (1, 32)
+    assert state["score.weight"].abs().sum() > 0, "the value head was not trained"
+    assert not (tmp_path / "critic" / "config.json").exists(), "a shared critic has no trunk of its own"
+
+
+def _reward_model_folder(tiny_qwen, target):
+    """tiny_qwen saved as AutoModelForSequenceClassification, with a non-zero head and a perturbed trunk."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.5)
+        for p in model.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.config.pad_token_id = AutoTokenizer.from_pretrained(tiny_qwen).pad_token_id
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(tiny_qwen).save_pretrained(target)
+    return model.state_dict()
+
+
+def test_ppo_critic_initialised_from_reward_model(tmp_path, tiny_qwen, arith_data, monkeypatch):
+    rm_dir = tmp_path / "rm"
+    rm_state = _reward_model_folder(tiny_qwen, rm_dir)
+    loaded = []
+    original = ppo_recipe.load_scalar_model
+
+    def spy(path, field, *args, **kwargs):
+        model = original(path, field, *args, **kwargs)
+        loaded.append((str(path), field, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(ppo_recipe, "load_scalar_model", spy)
+    out = tmp_path / "ppo"
+    records, summary = run_recipe("ppo", out, **base_fields(tiny_qwen, arith_data, max_steps=1,
+                                                            reward_model_name_or_path=rm_dir))
+    critics = [entry for entry in loaded if entry[1] == "critic_model_name_or_path"]
+    assert len(critics) == 1
+    path, _, state = critics[0]
+    assert path == str(rm_dir), "the critic was not initialised from reward_model_name_or_path"
+    for key in ("score.weight", "model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"):
+        torch.testing.assert_close(state[key], rm_state[key])  # the trained head is kept, not zeroed
+    assert summary["model_copies"]["reward_model"] == 1
+    assert "rewards/reward_model" in records[-1]
+
+
+# ------------------------------------------------------------------ KL control and early stopping
+
+
+def test_ppo_target_kl_stops_epochs_early(tmp_path, tiny_qwen, arith_data, monkeypatch):
+    calls = []
+    original = ppo_recipe.clip_and_step
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ppo_recipe, "clip_and_step", counting)
+    fields = base_fields(tiny_qwen, arith_data, max_steps=2, num_ppo_epochs=4, num_mini_batches=2,
+                         per_device_train_batch_size=8)
+    records, _ = run_recipe("ppo", tmp_path / "full", **fields)
+    assert len(calls) == 2 * 4 * 2
+    assert all("early_stop" not in r for r in records)
+
+    calls.clear()
+    records, _ = run_recipe("ppo", tmp_path / "stopped", **fields, target_kl=1e-9)
+    assert all(r.get("early_stop") == 1.0 for r in records), records
+    assert 0 < len(calls) < 2 * 4 * 2, f"{len(calls)} optimizer steps despite target_kl"
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_ppo_kl_estimators(tmp_path, tiny_qwen, arith_data, estimator):
+    records, _ = run_recipe("ppo", tmp_path, **base_fields(tiny_qwen, arith_data, max_steps=3,
+                                                           kl_estimator=estimator))
+    kls = series(records, "kl")
+    assert len(kls) == 3
+    assert all(math.isfinite(k) and k >= 0 for k in kls), kls  # k2 and k3 are >= 0 token by token
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
+    assert kls[-1] > 0, "the policy moved but the KL estimate stayed 0"
+    assert series(records, "non_score_reward")[-1] < 0
+
+
+def test_ppo_adaptive_kl_controller(tmp_path, tiny_qwen, arith_data):
+    fields = base_fields(tiny_qwen, arith_data, max_steps=4, kl_coef=0.05)
+    fixed, _ = run_recipe("ppo", tmp_path / "fixed", **fields)
+    assert series(fixed, "kl_coef") == [0.05] * 4
+
+    adaptive, _ = run_recipe("ppo", tmp_path / "adaptive", **fields, target_kl_coef=100.0, kl_horizon=100)
+    coefs, kls = series(adaptive, "kl_coef"), series(adaptive, "kl")
+    # Ziegler et al.: e = clip(KL/target - 1, -0.2, 0.2); beta <- beta * (1 + e * n / horizon), n = 16 prompts
+    expected, beta = [], 0.05
+    for kl in kls:
+        error = min(max(kl / 100.0 - 1.0, -0.2), 0.2)
+        beta = beta * (1 + error * 16 / 100)
+        expected.append(beta)
+    assert coefs == pytest.approx(expected, rel=1e-6)
+    assert coefs[0] == pytest.approx(0.05 * (1 - 0.2 * 16 / 100), rel=1e-6)  # KL far below target: shrink
+    assert all(b < a for a, b in zip(coefs, coefs[1:]))
+
+
+# ------------------------------------------------------------------ exact resume
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data, monkeypatch):
+    fields = base_fields(tiny_qwen, arith_data, max_steps=6, save_steps=3, per_device_train_batch_size=8,
+                         lr_scheduler_type="cosine")
+    full, _ = run_recipe("ppo", tmp_path / "full", **fields)
+    assert (tmp_path / "full" / "checkpoint-3").is_dir()
+
+    # the same run, killed right after its checkpoint at step 3 ...
+    out = tmp_path / "interrupted"
+    original = posttrain.checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        path = original(*args, **kwargs)
+        raise Interrupted(path)
+
+    monkeypatch.setattr(posttrain.checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(Interrupted):
+        run_recipe("ppo", out, **fields)
+    monkeypatch.setattr(posttrain.checkpoint, "save_checkpoint", original)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert not (out / "summary.json").exists()
+
+    # ... and resumed from `latest`
+    resumed, _ = run_recipe("ppo", out, **fields, resume_from_checkpoint="latest")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed):
+        assert a["reward"] == b["reward"], f"step {a['step']}: reward {a['reward']} vs resumed {b['reward']}"
+        assert a["completion_length"] == b["completion_length"]
+        for key in ("loss", "kl", "value_loss", "learning_rate"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    shutil.rmtree(tmp_path / "full", ignore_errors=True)
