@@ -113,6 +113,16 @@ def _check_text_or_messages(row: Row, key: str, value) -> None:
             raise UserError(f"{row.source}: field {key!r} message {i} needs string 'role' and 'content'")
 
 
+def _check_same_kind(row: Row, prompt, key: str, response) -> None:
+    """A plain-text prompt is not templated, so its response cannot be chat messages.
+
+    (A conversation prompt with a string response is fine: the string is the assistant turn.)
+    """
+    if isinstance(prompt, str) and not isinstance(response, str):
+        raise UserError(f"{row.source}: 'prompt' is a string, so {key!r} must be a string too, not messages "
+                        "(both can be lists of messages)")
+
+
 # ----------------------------------------------------------------- tokenising
 
 
@@ -189,14 +199,19 @@ def sft_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length:
     for row in rows:
         if "messages" in row.data:
             messages = row.data["messages"]
+            if not isinstance(messages, list):
+                raise UserError(f"{row.source}: field 'messages' must be a non-empty list of messages")
             _check_text_or_messages(row, "messages", messages)
             if not any(m["role"] == "assistant" for m in messages):
                 raise UserError(f"{row.source}: field 'messages' has no assistant turn to train on")
+            if messages[0]["role"] == "assistant":
+                raise UserError(f"{row.source}: field 'messages' needs a turn before the first assistant turn")
             example = encode_conversation(tokenizer, messages)
         elif "prompt" in row.data or "completion" in row.data:
             prompt, completion = _need(row, "prompt"), _need(row, "completion")
             _check_text_or_messages(row, "prompt", prompt)
             _check_text_or_messages(row, "completion", completion)
+            _check_same_kind(row, prompt, "completion", completion)
             example = Example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, prompt, completion))
         else:
             raise UserError(f"{row.source}: an SFT row needs 'messages' or 'prompt' and 'completion'")
@@ -237,7 +252,10 @@ def preference_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_
             prompt, chosen, rejected = split_shared_prefix(row)
         else:
             raise UserError(f"{row.source}: missing field 'prompt' (needed when chosen/rejected are strings)")
-        margin = row.data.get("margin", 0.0)
+        _check_same_kind(row, prompt, "chosen", chosen)
+        _check_same_kind(row, prompt, "rejected", rejected)
+        margin = row.data.get("margin")
+        margin = 0.0 if margin is None else margin  # parquet reads an absent value as None
         if not isinstance(margin, (int, float)) or isinstance(margin, bool):
             raise UserError(f"{row.source}: field 'margin' must be a number, got {margin!r}")
         prompt_ids = encode_prompt(tokenizer, prompt)

@@ -41,9 +41,9 @@ SFT_MODEL = "{out}/sft"
 SHORT = {"max_length": 16, "max_prompt_length": 8, "num_threads": 1}  # arith rows are ~10 tokens
 RL = {"model_name_or_path": SFT_MODEL, "dataset_name": "{data}/prompts.jsonl", "eval_dataset_name": "{data}/eval.jsonl",
       "reward_funcs": ["exact_match"], "max_completion_length": 4, "temperature": 1.0, "lr_scheduler_type": "constant",
-      "logging_steps": 10, **SHORT}
+      "logging_steps": 5, **SHORT}
 PPO = {**RL, "learning_rate": 5e-5, "critic_learning_rate": 1e-4, "per_device_train_batch_size": 64,
-       "num_ppo_epochs": 4, "num_mini_batches": 2, "kl_coef": 0.05, "vf_coef": 0.1, "max_steps": 150}
+       "num_ppo_epochs": 4, "num_mini_batches": 2, "kl_coef": 0.05, "vf_coef": 0.1, "max_steps": 60}
 RL_QUICK = {"max_steps": 4, "logging_steps": 2, "eval_max_rows": 16, "per_device_train_batch_size": 16}
 
 STAGES = [
@@ -57,8 +57,8 @@ STAGES = [
         "per_device_train_batch_size": 64, "max_steps": 150, "logging_steps": 10, "eval_split": 0.1, **SHORT,
     }, quick={"max_steps": 6, "logging_steps": 2}, after=("sft",), policy=False),
     Stage("dpo", "dpo", {
-        "model_name_or_path": SFT_MODEL, "dataset_name": "{data}/preference.jsonl", "learning_rate": 1e-5,
-        "beta": 0.1, "rpo_alpha": 1.0, "per_device_train_batch_size": 64, "max_steps": 300, "logging_steps": 20,
+        "model_name_or_path": SFT_MODEL, "dataset_name": "{data}/preference.jsonl", "learning_rate": 1e-4,
+        "beta": 0.1, "rpo_alpha": 1.0, "per_device_train_batch_size": 64, "max_steps": 200, "logging_steps": 10,
         "lr_scheduler_type": "constant", **SHORT,
     }, quick={"max_steps": 20, "logging_steps": 5}, after=("sft",)),
     Stage("ppo", "ppo", PPO, quick=RL_QUICK, after=("sft",)),
@@ -67,7 +67,7 @@ STAGES = [
           after=("sft", "rm")),
     Stage("grpo", "grpo", {
         **RL, "learning_rate": 1e-4, "per_device_train_batch_size": 32, "num_generations": 8, "beta": 0.04,
-        "max_steps": 200,
+        "max_steps": 60,
     }, quick=RL_QUICK, after=("sft",)),
 ]
 
@@ -145,7 +145,8 @@ def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int =
 
     # 1. data
     data = out / "data"
-    arith.write_datasets(data, seed=0)
+    sizes = {"num_sft": 2000, "num_preference": 512, "num_prompts": 512, "num_eval": 64} if quick else {}
+    arith.write_datasets(data, seed=0, **sizes)
     log(f"wrote the {arith.NAME} task to {data}")
 
     # 2. training: each stage starts when the stages it reads are done

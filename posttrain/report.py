@@ -30,8 +30,14 @@ def stage_entry(result: dict) -> dict:
             entry[key] = evaluation[key]
     for key, value in (result.get("report") or {}).items():
         entry[key] = value
+    final = result.get("final") or {}
+    if "reward" in final:  # what the stage optimised, beside what it achieved: reward hacking shows here
+        entry["train_reward"] = round(final["reward"], 4)
     entry["wall_s"] = result.get("wall_s")
     entry["peak_rss_mb"] = result.get("peak_rss_mb")
+    if "model_copies" in result:
+        entry["model_copies"] = sum(result["model_copies"].values())
+        entry["copies_held"] = ", ".join(f"{k} {v}" for k, v in result["model_copies"].items() if v)
     return entry
 
 

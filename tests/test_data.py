@@ -331,8 +331,6 @@ def test_parquet_with_messages(tok, tmp_path):
     assert tok.decode(pair.rejected.completion_ids).removesuffix("\n") == "115" + IM_END
 
 
-@pytest.mark.xfail(reason="bug: a parquet column `margin` holds null on rows without a margin; "
-                          "preference_examples rejects None instead of treating it as absent (0)", strict=True)
 def test_parquet_optional_margin_column(tok, tmp_path):
     rows = [{"prompt": "1+2=", "chosen": "3", "rejected": "4", "margin": 1.0},
             {"prompt": "1+3=", "chosen": "4", "rejected": "5"}]  # parquet stores margin=null here
@@ -392,9 +390,9 @@ BAD_ROWS = [
     bad("completion-is-number", "sft", {"prompt": "1+2=", "completion": 3}, ["'completion'", "string"]),
     bad("chosen-is-number", "pref", {"prompt": "1+2=", "chosen": 3, "rejected": "4"}, ["'chosen'", "string"]),
     bad("prompt-is-dict", "prompts", {"prompt": {"text": "1+2="}}, ["'prompt'", "string"]),
-    bad("messages-is-string", "sft", {"messages": "hello"}, ["'messages'"], marks=pytest.mark.xfail(
-        strict=True, reason="bug: sft_examples accepts a non-empty string as 'messages' (the check allows "
-                            "strings) and then crashes with TypeError on m['role']")),
+    bad("messages-is-string", "sft", {"messages": "hello"}, ["'messages'"]),
+    bad("mixed-prompt-kinds", "sft", {"prompt": "1+2=", "completion": [{"role": "assistant", "content": "3"}]},
+        ["'prompt'", "'completion'", "messages"]),
     bad("empty-messages", "sft", {"messages": []}, ["'messages'"]),
     bad("empty-completion", "sft", {"prompt": "1+2=", "completion": ""}, ["'completion'", "empty"]),
     bad("empty-rejected", "pref", {"prompt": "1+2=", "chosen": "3", "rejected": ""}, ["'rejected'", "empty"]),
@@ -438,18 +436,12 @@ def test_bad_row_names_file_line_and_problem(tok, tmp_path, kind, row, words):
         assert word in message
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a conversation that starts with the assistant turn has no prompt "
-                                        "turns; encode_conversation templates [] and transformers raises ValueError")
-def test_messages_starting_with_assistant_is_a_user_error_or_loads(tok, tmp_path):
+def test_messages_starting_with_assistant_is_a_user_error(tok, tmp_path):
     # DESIGN §3: a row that does not fit is an error naming file:line, never a crash deep inside
     row = {"messages": [{"role": "assistant", "content": "3"}]}
     path = write_jsonl(tmp_path / "file.jsonl", [GOOD["sft"], GOOD["sft"], row])
-    try:
-        examples = _load("sft", path, tok)
-    except UserError as err:
-        assert "file.jsonl:3" in str(err)
-    else:
-        assert tok.decode(examples[2].completion_ids).startswith("3" + IM_END)
+    with pytest.raises(UserError, match="file.jsonl:3.*before the first assistant"):
+        _load("sft", path, tok)
 
 
 def test_good_rows_of_the_bad_row_fixtures_load(tok, tmp_path):

@@ -264,6 +264,22 @@ def test_sft_gradient_accumulation_matches_one_large_batch(tmp_path, tiny_qwen):
     assert any(not torch.equal(w1[n], initial[n]) for n in w1)
 
 
+@pytest.mark.xfail(strict=False, reason="fit() weights accumulated micro-batches by row count, not by response "
+                                        "tokens, so with unequal lengths 2x4 != 1x8 (see report)")
+def test_sft_gradient_accumulation_matches_one_large_batch_with_unequal_lengths(tmp_path, tiny_qwen):
+    # the recipe's loss is a token mean (every response token weighs the same); accumulation should keep that
+    rng = random.Random(0)
+    rows = [{"prompt": f"{rng.randrange(100)}+{rng.randrange(1000)}=",
+             "completion": str(rng.randrange(10 ** rng.randrange(1, 8)))} for _ in range(8)]
+    data = write_jsonl(tmp_path / "mixed_length.jsonl", rows)
+    # group_by_length sorts the 8 rows by length, so one micro-batch of 4 has the long rows, the other the short
+    common = dict(group_by_length="true", max_steps=1, logging_steps=1, max_grad_norm=0)
+    one = run_sft(tmp_path / "one", tiny_qwen, data, per_device_train_batch_size=8, **common)
+    two = run_sft(tmp_path / "two", tiny_qwen, data, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                  **common)
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- resume
 
 
@@ -349,23 +365,37 @@ def test_sft_resume_from_non_checkpoint_folder_is_user_error(tmp_path, tiny_qwen
 # -------------------------------------------------------------------------------- bf16 and LoRA
 
 
+@pytest.mark.xfail(torch.cuda.is_available(), strict=False,
+                   reason="training.autocast picks 'cuda' whenever CUDA exists, but the recipes never move the model "
+                          "off the CPU, so bf16 autocast does not apply to the forward (see report)")
 def test_sft_bf16_autocast_runs_and_keeps_fp32_weights(tmp_path, tiny_qwen, arith_data, monkeypatch):
-    seen = {}
+    seen = {"logits": set(), "weights": set()}
     real_loss = sft.sft_loss
 
     def spying_loss(model, batch):
-        seen["autocast"] = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-        seen["autocast_dtype"] = torch.get_autocast_dtype("cuda" if torch.cuda.is_available() else "cpu")
-        return real_loss(model, batch)
+        head = model.get_output_embeddings()
+        handle = head.register_forward_hook(lambda mod, args, out: seen["logits"].add(out.dtype))
+        seen["weights"] |= {p.dtype for p in model.parameters()}
+        try:
+            return real_loss(model, batch)
+        finally:
+            handle.remove()
 
     monkeypatch.setattr(sft, "sft_loss", spying_loss)
     records = run_sft(tmp_path / "out", tiny_qwen, arith_data["sft"], bf16="true", max_steps=2, logging_steps=1,
                       per_device_train_batch_size=8, learning_rate=1e-3)
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in records)
-    assert seen == {"autocast": True, "autocast_dtype": torch.bfloat16}
+    # the forward really ran in bfloat16 (autocast where the model runs), over fp32 master weights
+    assert seen["logits"] == {torch.bfloat16}
+    assert seen["weights"] == {torch.float32}
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(w.dtype == torch.float32 for w in weights.values())
+    # bf16 changes the numbers: the first loss differs slightly from an fp32 run's
+    fp32 = run_sft(tmp_path / "fp32", tiny_qwen, arith_data["sft"], max_steps=1, logging_steps=1,
+                   per_device_train_batch_size=8)
+    assert records[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)
+    assert records[0]["loss"] != fp32[0]["loss"]
 
 
 def test_sft_autocast_helper_is_noop_when_disabled():
@@ -404,3 +434,20 @@ def test_sft_lora_trains_only_adapters_and_saves_merged_model(tmp_path, tiny_qwe
     with torch.no_grad():
         logits = model(input_ids=probe_ids).logits
     torch.testing.assert_close(logits, captured["logits"], rtol=0, atol=1e-5)
+
+
+def test_sft_gradient_checkpointing_with_lora_matches_plain_run(tmp_path, tiny_qwen, arith_data):
+    # recomputing activations must not change the numbers, nor cut the gradient to adapters inside checkpointed
+    # blocks (frozen embeddings give inputs without grad: the classic reentrant-checkpointing + LoRA failure)
+    common = dict(use_peft="true", lora_r=4, max_steps=2, logging_steps=1, per_device_train_batch_size=8,
+                  learning_rate=1e-2)
+    plain = run_sft(tmp_path / "plain", tiny_qwen, arith_data["sft"], **common)
+    checkpointed = run_sft(tmp_path / "gc", tiny_qwen, arith_data["sft"], gradient_checkpointing="true", **common)
+    for a, b in zip(plain, checkpointed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert plain[0]["grad_norm"] > 0
+    w_plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    w_gc = load_file(str(tmp_path / "gc" / "model.safetensors"))
+    for name in w_plain:
+        torch.testing.assert_close(w_gc[name], w_plain[name], rtol=0, atol=1e-6, msg=name)
