@@ -22,7 +22,7 @@ import torch
 from posttrain.data import collate_preferences, preference_examples, read_rows
 from posttrain.losses import dpo_loss, masked_mean, sequence_logps
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
-from posttrain.training import autocast, fit, finish, setup_run
+from posttrain.training import autocast, finish, fit, setup_run
 
 
 def pair_logps(model, batch, normalization: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

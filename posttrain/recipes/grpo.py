@@ -33,7 +33,14 @@ from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 from posttrain.rewards import RewardSources
 from posttrain.rollout import GroupRollout, generate
 from posttrain.training import (
-    PromptStream, StatsWindow, autocast, finish, resume_rl, rl_total_steps, setup_run, trainable_parameters,
+    PromptStream,
+    StatsWindow,
+    autocast,
+    finish,
+    resume_rl,
+    rl_total_steps,
+    setup_run,
+    trainable_parameters,
 )
 
 

@@ -28,14 +28,29 @@ from posttrain import checkpoint, metrics
 from posttrain.data import prompt_examples, read_rows
 from posttrain.evaluation import accuracy_probe
 from posttrain.losses import (
-    adaptive_kl_coef, explained_variance, gae, kl_penalty, masked_mean, masked_sum, ppo_policy_loss, value_loss, whiten,
+    adaptive_kl_coef,
+    explained_variance,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_sum,
+    ppo_policy_loss,
+    value_loss,
+    whiten,
 )
 from posttrain.models import load_policy_and_reference, load_scalar_model, reference_mode, token_logps, token_values
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 from posttrain.rewards import RewardSources
 from posttrain.rollout import Rollout, generate
 from posttrain.training import (
-    PromptStream, StatsWindow, autocast, finish, resume_rl, rl_total_steps, setup_run, trainable_parameters,
+    PromptStream,
+    StatsWindow,
+    autocast,
+    finish,
+    resume_rl,
+    rl_total_steps,
+    setup_run,
+    trainable_parameters,
 )
 
 

@@ -18,7 +18,7 @@ import torch
 from posttrain.data import collate_preferences, preference_examples, read_rows
 from posttrain.losses import reward_model_loss
 from posttrain.models import load_scalar_model, load_tokenizer, sequence_scores
-from posttrain.training import autocast, fit, finish, setup_run
+from posttrain.training import autocast, finish, fit, setup_run
 
 
 def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from posttrain.data import collate_examples, read_rows, sft_examples
 from posttrain.evaluation import accuracy_probe
 from posttrain.losses import masked_mean
 from posttrain.models import load_causal_lm, load_tokenizer, prepare_model
-from posttrain.training import fit, finish, setup_run
+from posttrain.training import finish, fit, setup_run
 
 
 def corpus_of(rows) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,8 +143,6 @@ def test_sft_every_trainable_parameter_changed(learned):
 def test_sft_output_folder_contents(learned):
     out = learned["out"]
     assert (out / "config.yaml").is_file()
-    import yaml
-
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["max_steps"] == 200 and saved["learning_rate"] == 3e-3 and saved["output_dir"] == str(out)
     lines = (out / "metrics.jsonl").read_text().splitlines()
