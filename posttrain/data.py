@@ -329,6 +329,9 @@ class TokenBatch:
     def to(self, device) -> TokenBatch:
         return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
 
 def collate_examples(examples: list[Example], pad_id: int, completion_only: bool = True) -> TokenBatch:
     seqs = [e.prompt_ids + e.completion_ids for e in examples]
@@ -353,6 +356,9 @@ class PreferenceBatch:
 
     def to(self, device) -> PreferenceBatch:
         return PreferenceBatch(self.tokens.to(device), self.margin.to(device), self.index.to(device))
+
+    def __len__(self) -> int:
+        return len(self.index)
 
 
 def collate_preferences(pairs: list[PreferenceExample], indices: list[int], pad_id: int) -> PreferenceBatch:

@@ -26,3 +26,10 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(value)
         value /= world_size()
     return value
+
+
+def device() -> torch.device:
+    """This process's accelerator (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from posttrain.distributed import device
 from posttrain.errors import UserError
 from posttrain.losses import entropy_from_logits, selective_log_softmax
 
@@ -120,7 +121,7 @@ def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool
     from transformers import AutoModelForCausalLM
 
     _check_dir(path, field)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device())
     return model.train() if trainable else freeze(model)
 
 
@@ -143,6 +144,7 @@ def load_scalar_model(path: str, field: str, trainable: bool = True):
         model.config.pad_token_id = model.config.eos_token_id
     if not _was_trained_as_scalar(path):
         nn.init.zeros_(model.score.weight)
+    model.to(device())
     return model.train() if trainable else freeze(model)
 
 
@@ -177,7 +179,7 @@ def load_policy_and_reference(cfg, need_reference: bool = True):
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     policy = load_causal_lm(cfg.model_name_or_path)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.activation_checkpointing_enable()
     if cfg.use_peft:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
     ref = None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import checkpoint, metrics
+from posttrain import checkpoint, distributed, metrics
 from posttrain.config import save_config
 from posttrain.data import length_grouped_batches
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
@@ -43,11 +43,10 @@ def total_steps(cfg, micro_batches_per_epoch: int) -> int:
 
 
 def autocast(enabled: bool):
-    """bf16 autocast over fp32 weights; a no-op context when disabled."""
+    """bf16 autocast over fp32 weights on this process's device; a no-op context when disabled."""
     if not enabled:
         return contextlib.nullcontext()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16)
+    return torch.autocast(distributed.device().type, dtype=torch.bfloat16)
 
 
 def trainable_parameters(*models) -> list[tuple[str, torch.nn.Parameter]]:
@@ -80,11 +79,15 @@ def fit(
     loss_fn: Callable[[object], tuple[torch.Tensor, dict]],
     evaluate: Callable[[], dict] | None = None,
     desc: str = "train",
+    batch_weight: Callable[[object], float] | None = None,
 ) -> dict:
     """Train ``model`` on the examples whose token lengths are ``lengths``.
 
     ``make_batch(indices)`` collates a micro-batch; ``loss_fn(batch)`` returns
-    the mean loss and a dict of detached stats. Returns the last log record.
+    the mean loss and a dict of detached stats. Accumulated micro-batches are
+    weighted by ``batch_weight(batch)`` (default: rows), so that a token-mean
+    loss weighted by its token count gives exactly the large batch's gradient.
+    Returns the last log record.
     """
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.learning_rate, cfg.weight_decay)
@@ -109,13 +112,14 @@ def fit(
         batches = length_grouped_batches(lengths, batch_size, cfg.seed, epoch, group=cfg.group_by_length)
         while micro < len(batches) and step < steps:
             # one optimizer step = `accum` micro-batches (fewer at the end of an epoch)
-            group = batches[micro:micro + accum]
-            for indices in group:
+            made = [make_batch(indices).to(distributed.device()) for indices in batches[micro:micro + accum]]
+            weights = [batch_weight(b) if batch_weight else len(b) for b in made]
+            for batch, weight in zip(made, weights):
                 with autocast(cfg.bf16):
-                    loss, stats = loss_fn(make_batch(indices))
-                (loss * len(indices) / sum(len(g) for g in group)).backward()
+                    loss, stats = loss_fn(batch)
+                (loss * weight / sum(weights)).backward()
                 window.add({"loss": loss.detach(), **stats})
-            micro += len(group)
+            micro += len(made)
             grad_norm = clip_and_step([p for _, p in params], optimizer, scheduler, cfg.max_grad_norm)
             window.add({"grad_norm": grad_norm})
             step += 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.data import collate_preferences, preference_examples, read_rows
+from posttrain.distributed import device
 from posttrain.losses import dpo_loss, masked_mean, sequence_logps
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.training import autocast, finish, fit, setup_run
@@ -40,12 +41,12 @@ def pair_logps(model, batch, normalization: str) -> tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def precompute_reference(cfg, policy, ref, pairs, make_batch) -> torch.Tensor:
     """(N, 2) reference log-probs of every pair (chosen, rejected), in one pass."""
-    out = torch.zeros(len(pairs), 2)
+    out = torch.zeros(len(pairs), 2, device=device())
     size = cfg.per_device_train_batch_size * 2
     with reference_mode(policy, ref) as model:
         model.eval()
         for start in range(0, len(pairs), size):
-            batch = make_batch(list(range(start, min(start + size, len(pairs)))))
+            batch = make_batch(list(range(start, min(start + size, len(pairs))))).to(device())
             with autocast(cfg.bf16):
                 chosen, rejected, _ = pair_logps(model, batch, cfg.logps_normalization)
             out[batch.index] = torch.stack([chosen, rejected], 1).float()
@@ -105,4 +106,4 @@ def main(cfg) -> None:
     record = fit(cfg, policy, lengths, make_batch, lambda batch: dpo_step(cfg, policy, ref, batch, ref_table), desc="dpo")
 
     # 5. save
-    finish(cfg, policy, tokenizer, record, "DPO")
+    finish(cfg, policy, tokenizer, record, "DPO", {"model_copies": {"policy": 1, "reference": int(ref is not None)}})

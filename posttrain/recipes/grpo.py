@@ -61,13 +61,14 @@ def make_rollout(cfg, policy, ref, tokenizer, rewards, prompts) -> tuple[GroupRo
     texts = [p.prompt_text for p in prompts for _ in range(G)]
     extras = [p.extra for p in prompts for _ in range(G)]
     scores, parts = rewards.score(texts, gen.completions, extras, (gen.input_ids, gen.attention_mask))
+    scores = scores.to(mask.device)
     advantages = group_advantages(scores, G, cfg.scale_rewards)
     keep = group_filter(scores, G)
     stats = {"reward": scores.mean(), "reward_std": scores.view(-1, G).std(1).mean(),
              "frac_reward_zero_std": 1 - keep.float().mean(), "completion_length": mask.sum(-1).mean(),
              "truncated_ratio": gen.truncated.float().mean(), **{k: v.mean() for k, v in parts.items()}}
     if cfg.mask_truncated_completions:
-        mask = mask * (~gen.truncated).float().unsqueeze(1)
+        mask = mask * (~gen.truncated).float().unsqueeze(1).to(mask.device)
     rows = keep if cfg.filter_zero_std_groups else torch.ones_like(keep)
     if not rows.any():
         return None, stats

@@ -26,6 +26,7 @@ from torch import nn
 
 from posttrain import checkpoint, metrics
 from posttrain.data import prompt_examples, read_rows
+from posttrain.distributed import device
 from posttrain.evaluation import accuracy_probe
 from posttrain.losses import (
     adaptive_kl_coef,
@@ -94,6 +95,7 @@ def make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, prompt
             ref_logps = token_logps(ref_model, gen.input_ids, gen.attention_mask, T)
     scores, parts = rewards.score([p.prompt_text for p in prompts], gen.completions, [p.extra for p in prompts],
                                   (gen.input_ids, gen.attention_mask))
+    scores = scores.to(mask.device)
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * gen.truncated.float()
 
@@ -151,7 +153,7 @@ def main(cfg) -> None:
     rewards = RewardSources.from_config(cfg, tokenizer)
     critic, value_head = None, None
     if cfg.critic == "shared":
-        value_head = ValueHead(actor.config.hidden_size)
+        value_head = ValueHead(actor.config.hidden_size).to(device())
     else:
         init = cfg.critic_model_name_or_path or cfg.reward_model_name_or_path or cfg.model_name_or_path
         critic = load_scalar_model(init, "critic_model_name_or_path")

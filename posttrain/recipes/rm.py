@@ -16,6 +16,7 @@ import random
 import torch
 
 from posttrain.data import collate_preferences, preference_examples, read_rows
+from posttrain.distributed import device
 from posttrain.losses import reward_model_loss
 from posttrain.models import load_scalar_model, load_tokenizer, sequence_scores
 from posttrain.training import autocast, finish, fit, setup_run
@@ -53,7 +54,8 @@ def pair_accuracy(cfg, model, pairs, make_batch) -> float:
     size = cfg.per_device_train_batch_size * 2
     for start in range(0, len(pairs), size):
         with autocast(cfg.bf16):
-            chosen, rejected = pair_scores(model, make_batch(list(range(start, min(start + size, len(pairs))))))
+            batch = make_batch(list(range(start, min(start + size, len(pairs))))).to(device())
+            chosen, rejected = pair_scores(model, batch)
         correct += int((chosen > rejected).sum())
     model.train(was_training)
     return correct / max(1, len(pairs))
@@ -77,7 +79,7 @@ def main(cfg) -> None:
     model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path")
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
 
     # 2. tokenise the pairs
     train = preference_examples(train_rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
@@ -95,4 +97,4 @@ def main(cfg) -> None:
     # 4. save (AutoModelForSequenceClassification loads it) with the held-out accuracy
     accuracy = pair_accuracy(cfg, model, held_out, batch_of(held_out)) if held_out else None
     finish(cfg, model, tokenizer, record, "Reward model",
-           {"report": {"pair_accuracy": accuracy, "eval_pairs": len(held_out)}})
+           {"report": {"pair_accuracy": accuracy, "eval_pairs": len(held_out)}, "model_copies": {"reward_model": 1}})

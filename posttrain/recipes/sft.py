@@ -46,7 +46,7 @@ def main(cfg) -> None:
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     if cfg.use_peft:
         from posttrain.models import apply_lora
 
@@ -64,7 +64,9 @@ def main(cfg) -> None:
         evaluate = accuracy_probe(model, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, max_new_tokens=8)
 
     # 3. train
-    record = fit(cfg, model, lengths, make_batch, lambda batch: sft_loss(model, batch), evaluate, desc="sft")
+    # the loss is a token mean, so accumulated micro-batches weigh by their response tokens
+    record = fit(cfg, model, lengths, make_batch, lambda batch: sft_loss(model, batch), evaluate, desc="sft",
+                 batch_weight=lambda batch: float(batch.loss_mask.sum()))
 
     # 4. save the model in Hugging Face format, plots and summary
-    finish(cfg, model, tokenizer, record, "SFT")
+    finish(cfg, model, tokenizer, record, "SFT", {"model_copies": {"policy": 1}})

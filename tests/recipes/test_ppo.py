@@ -8,7 +8,9 @@ prompt, so only a working critic can explain it.
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import shutil
 
 import pytest
@@ -42,51 +44,66 @@ def series(records: list[dict], key: str) -> list[float]:
     return [r[key] for r in records if key in r]
 
 
-# ------------------------------------------------------------------ a learning run (separate critic)
+# ------------------------------------------------------------------ learning runs (separate and shared critic)
 
 
-@pytest.fixture(scope="module")
-def separate_run(tmp_path_factory, tiny_qwen, arith_data):
-    out = tmp_path_factory.mktemp("ppo_separate")
-    records, summary = run_recipe("ppo", out, **base_fields(tiny_qwen, arith_data, max_steps=30))
-    return out, records, summary
+@pytest.fixture(scope="module", params=["separate", "shared"])
+def learning_run(request, tmp_path_factory, tiny_qwen, arith_data):
+    out = tmp_path_factory.mktemp(f"ppo_{request.param}")
+    records, summary = run_recipe("ppo", out, **base_fields(tiny_qwen, arith_data, max_steps=30,
+                                                            critic=request.param))
+    return request.param, out, records, summary
 
 
 @pytest.mark.slow
-def test_ppo_reward_rises(separate_run):
-    _, records, _ = separate_run
+def test_ppo_reward_rises(learning_run):
+    critic, _, records, _ = learning_run
     rewards = series(records, "reward")
     assert len(rewards) == 30
     first, last = thirds(rewards)
-    assert last > first + 0.15, f"reward did not rise: first third {first:.3f}, last third {last:.3f}: {rewards}"
+    assert last > first + 0.15, f"{critic}: reward did not rise: first third {first:.3f}, last {last:.3f}: {rewards}"
 
 
 @pytest.mark.slow
-def test_ppo_logs_every_metric(separate_run):
-    _, records, _ = separate_run
+def test_ppo_logs_every_metric(learning_run):
+    _, _, records, _ = learning_run
     assert [r["step"] for r in records] == list(range(1, 31))
     for record in records:
         missing = [k for k in PPO_KEYS if k not in record]
         assert not missing, f"step {record['step']} lacks {missing}"
         for key in PPO_KEYS:
             assert isinstance(record[key], float) and math.isfinite(record[key]), (key, record[key])
-        assert record["completion_length"] <= 4
+        assert 1 <= record["completion_length"] <= 4
         assert 0.0 <= record["clip_ratio"] <= 1.0
         assert record["entropy"] > 0
         assert record["reward_std"] >= 0
+        assert record["value_loss"] >= 0
+        assert 0.0 <= record["reward"] <= 1.0
     assert "rewards/reward_helpers:ascii_frac" in records[-1]
+    assert any(r["clip_ratio"] > 0 for r in records), "lr 1e-2 over 2 epochs never hit the clip"
 
 
 @pytest.mark.slow
-def test_ppo_separate_critic_saved(separate_run, tiny_qwen):
+def test_ppo_final_models_and_model_copies(learning_run, tiny_qwen):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    out, _, summary = separate_run
-    assert summary["model_copies"] == {"actor": 1, "critic": 1, "reference": 1, "reward_model": 0}
-    assert summary["critic"] == "separate"
-    critic = AutoModelForSequenceClassification.from_pretrained(out / "critic", num_labels=1)
-    # the value head starts at 0 (load_scalar_model) and must have been trained
-    assert critic.score.weight.abs().sum() > 0
+    critic, out, _, summary = learning_run
+    assert summary["critic"] == critic
+    assert summary["model_copies"] == {"actor": 1, "critic": 1 if critic == "separate" else 0, "reference": 1,
+                                       "reward_model": 0}
+    if critic == "separate":
+        model = AutoModelForSequenceClassification.from_pretrained(out / "critic", num_labels=1)
+        # the value head starts at 0 (load_scalar_model) and must have been trained
+        assert model.score.weight.abs().sum() > 0
+        assert (out / "critic" / "tokenizer.json").is_file()
+    else:
+        head = out / "critic" / "value_head.pt"
+        assert head.is_file()
+        state = torch.load(head, weights_only=True)
+        assert set(state) == {"score.weight"}
+        assert state["score.weight"].shape == (1, 32)
+        assert state["score.weight"].abs().sum() > 0, "the value head was not trained"
+        assert not (out / "critic" / "config.json").exists(), "a shared critic has no trunk of its own"
     actor = AutoModelForCausalLM.from_pretrained(out)
     start = AutoModelForCausalLM.from_pretrained(tiny_qwen)
     name = "model.embed_tokens.weight"
@@ -96,39 +113,34 @@ def test_ppo_separate_critic_saved(separate_run, tiny_qwen):
 # ------------------------------------------------------------------ the critic
 
 
+@pytest.fixture
+def split_prompts(tmp_path):
+    """256 prompts `AB+CD=`; prompt_low rewards about half of them, by their first digit only."""
+    rng = random.Random(0)
+    rows = [{"prompt": f"{rng.randrange(10, 100)}+{rng.randrange(10, 100)}="} for _ in range(256)]
+    path = tmp_path / "split_prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# the policy cannot change prompt_low; the critic (a copy of its own, or a head on the actor's trunk) can predict it
+CRITIC_SETTINGS = {
+    "separate": {"learning_rate": 1e-4, "critic_learning_rate": 3e-3},
+    "shared": {"learning_rate": 1e-3, "critic_learning_rate": 3e-3, "vf_coef": 1.0},
+}
+
+
 @pytest.mark.slow
-def test_ppo_explained_variance_rises(tmp_path, tiny_qwen, arith_data):
-    # prompt_low depends only on the prompt: a learning critic explains more and more of the return
-    records, _ = run_recipe("ppo", tmp_path, **base_fields(tiny_qwen, arith_data, max_steps=30,
-                                                           reward_funcs="reward_helpers:prompt_low"))
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_ppo_explained_variance_rises(tmp_path, tiny_qwen, split_prompts, critic):
+    records, _ = run_recipe("ppo", tmp_path / "run", **base_fields(
+        tiny_qwen, {"prompts": split_prompts}, max_steps=30, critic=critic, kl_coef=0, num_ppo_epochs=4,
+        reward_funcs="reward_helpers:prompt_low", **CRITIC_SETTINGS[critic]))
     ev = series(records, "explained_variance")
     assert len(ev) == 30
     assert max(ev) > 0
-    first, last = thirds(ev)
-    assert last > ev[0] + 0.2 and last > 0.2, f"explained variance did not rise: {ev}"
-
-
-@pytest.mark.slow
-def test_ppo_shared_critic_learns(tmp_path, tiny_qwen, arith_data):
-    records, summary = run_recipe("ppo", tmp_path, **base_fields(
-        tiny_qwen, arith_data, max_steps=30, critic="shared",
-        reward_funcs="reward_helpers:prompt_low,reward_helpers:ascii_frac"))
-    assert summary["model_copies"] == {"actor": 1, "critic": 0, "reference": 1, "reward_model": 0}
-    assert summary["critic"] == "shared"
-    ev = series(records, "explained_variance")
-    first_ev, last_ev = thirds(ev)
-    assert last_ev > ev[0] + 0.2 and last_ev > 0.2, f"shared critic did not learn: {ev}"
-    first, last = thirds(series(records, "rewards/reward_helpers:ascii_frac"))
-    assert last > first + 0.1, f"shared-critic policy did not learn: {first:.3f} -> {last:.3f}"
-    for record in records:
-        assert all(k in record for k in PPO_KEYS)
-    head = tmp_path / "critic" / "value_head.pt"
-    assert head.is_file()
-    state = torch.load(head, weights_only=True)
-    assert set(state) == {"score.weight"}
-    assert state["score.weight"].shape == (1, 32)
-    assert state["score.weight"].abs().sum() > 0, "the value head was not trained"
-    assert not (tmp_path / "critic" / "config.json").exists(), "a shared critic has no trunk of its own"
+    _, last = thirds(ev)
+    assert last > 0.5 and last > ev[0] + 0.3, f"{critic}: explained variance did not rise: {ev}"
 
 
 def _reward_model_folder(tiny_qwen, target):
