@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output_dir", default="runs/demo", help="where each stage and the report go")
     demo.add_argument("--quick", action="store_true", help="shrink everything (for tests)")
     demo.add_argument("--stages", default="", help="comma-separated subset of stages to run")
-    demo.add_argument("--jobs", type=int, default=0, help="stages run side by side after SFT (0: one per 2 cores)")
+    demo.add_argument("--jobs", type=int, default=0, help="stages run side by side after SFT, one thread each (0: one per core, at most 4)")
 
     rep = sub.add_parser("report", help="draw report.html for one or more runs")
     rep.add_argument("runs", nargs="+", help="run folders (a demo folder, or stage output_dirs)")

@@ -6,7 +6,7 @@
 data -> sft -> (rm, dpo, ppo, grpo, each from the same SFT model) -> eval -> report.
 Each stage runs as its own `posttrain STAGE --config` process — exactly the
 command a user would type — so its wall time and peak memory are its own, and
-independent stages run side by side, one per pair of cores. Adding a stage is
+independent stages run side by side, one thread each. Adding a stage is
 one entry in ``STAGES``.
 """
 
@@ -53,8 +53,9 @@ STAGES = [
         "lr_scheduler_type": "constant", "eval_dataset_name": "{data}/eval.jsonl", **SHORT, "num_threads": 2,
     }, quick={"max_steps": 30, "logging_steps": 10, "eval_max_rows": 32}),
     Stage("rm", "rm", {
-        "model_name_or_path": SFT_MODEL, "dataset_name": "{data}/preference.jsonl", "learning_rate": 3e-4,
-        "per_device_train_batch_size": 64, "max_steps": 150, "logging_steps": 10, "eval_split": 0.1, **SHORT,
+        "model_name_or_path": SFT_MODEL, "dataset_name": "{data}/preference.jsonl", "learning_rate": 1e-3,
+        "warmup_ratio": 0.05, "per_device_train_batch_size": 64, "max_steps": 300, "logging_steps": 20, "eval_split": 0.1,
+        **SHORT,
     }, quick={"max_steps": 6, "logging_steps": 2}, after=("sft",), policy=False),
     Stage("dpo", "dpo", {
         "model_name_or_path": SFT_MODEL, "dataset_name": "{data}/preference.jsonl", "learning_rate": 1e-4,
@@ -137,7 +138,7 @@ def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int =
     if unknown:
         raise UserError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; valid: {', '.join(s.name for s in STAGES)}")
     selected = [s for s in STAGES if s.name in wanted or any(s.name in t.after for t in STAGES if t.name in wanted)]
-    jobs = jobs or max(1, (os.cpu_count() or 2) // 2)
+    jobs = jobs or max(1, min(4, os.cpu_count() or 1))  # stages after SFT use one thread each
     began = time.time()
 
     def log(message: str) -> None:

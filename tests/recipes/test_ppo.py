@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 
 import pytest
 import torch
@@ -61,7 +60,7 @@ def test_ppo_reward_rises(learning_run):
     rewards = series(records, "reward")
     assert len(rewards) == 30
     first, last = thirds(rewards)
-    assert last > first + 0.15, f"{critic}: reward did not rise: first third {first:.3f}, last {last:.3f}: {rewards}"
+    assert last > first + 0.2, f"{critic}: reward did not rise: first third {first:.3f}, last {last:.3f}: {rewards}"
 
 
 @pytest.mark.slow
@@ -167,7 +166,7 @@ def test_ppo_critic_initialised_from_reward_model(tmp_path, tiny_qwen, arith_dat
 
     def spy(path, field, *args, **kwargs):
         model = original(path, field, *args, **kwargs)
-        loaded.append((str(path), field, {k: v.clone() for k, v in model.state_dict().items()}))
+        loaded.append((str(path), field, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
         return model
 
     monkeypatch.setattr(ppo_recipe, "load_scalar_model", spy)
@@ -275,4 +274,3 @@ def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data
         assert a["completion_length"] == b["completion_length"]
         for key in ("loss", "kl", "value_loss", "learning_rate"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    shutil.rmtree(tmp_path / "full", ignore_errors=True)

@@ -1,0 +1,239 @@
+"""Reward sources (posttrain.rewards): built-in rules, a user's `module:function`, and a reward model.
+
+The user functions live in tests/user_rewards.py; tests/ is put on sys.path so
+`user_rewards:NAME` imports the way a user's own module would from the working
+directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import load_config
+from posttrain.data import left_pad
+from posttrain.errors import UserError
+from posttrain.rewards import BUILTIN, RewardSources, resolve_reward_func, think_format
+from posttrain.tasks.arith import exact_match
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def user_module_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    import user_rewards
+
+    user_rewards.CALLS.clear()
+    return user_rewards
+
+
+def sources(tokenizer=None, **fields) -> RewardSources:
+    overrides = {"dataset_name": "unused.jsonl"}
+    overrides.update({k: str(v) for k, v in fields.items()})
+    return RewardSources.from_config(load_config("grpo", None, overrides), tokenizer)
+
+
+# ------------------------------------------------------------------ built-ins
+
+
+def test_exact_match_by_hand():
+    prompts = ["1+1=", "2+2=", "3+3=", "4+4="]
+    completions = ["2", " 4 \n", "7", "08"]
+    assert exact_match(prompts, completions, answer=["2", "4", "6", "8"]) == [1.0, 1.0, 0.0, 0.0]
+    assert exact_match(prompts[:1], ["12"], answer=[12]) == [1.0]  # answers are compared as text
+    with pytest.raises(ValueError, match="answer"):
+        exact_match(prompts, completions)
+
+
+def test_think_format_by_hand():
+    completions = ["<think>carry the one</think>125", "<think></think>125", "125", "<think>\nstep\n</think>",
+                   "think>x</think>", "<think>open only"]
+    assert think_format([""] * 6, completions) == [0.5, 0.0, 0.0, 0.5, 0.0, 0.0]
+
+
+def test_builtins_resolve_by_name():
+    assert set(BUILTIN) == {"exact_match", "think_format"}
+    assert resolve_reward_func("exact_match") is exact_match
+    assert resolve_reward_func("think_format") is think_format
+
+
+def test_builtin_source_gets_answer_field():
+    rewards = sources(reward_funcs="exact_match,think_format", reward_weights="1.0,2.0")
+    total, parts = rewards.score(["1+1=", "2+2=", "3+3="], ["2", "<think>2+2</think>4", "5"],
+                                 [{"answer": "2"}, {"answer": "4"}, {"answer": "6"}])
+    assert parts["rewards/exact_match"].tolist() == [1.0, 0.0, 0.0]  # "<think>..." is not the answer
+    assert parts["rewards/think_format"].tolist() == [0.0, 0.5, 0.0]
+    assert total.tolist() == [1.0, 1.0, 0.0]  # 1*exact + 2*think
+
+
+def test_builtin_exact_match_without_answer_is_a_user_error():
+    rewards = sources(reward_funcs="exact_match")
+    with pytest.raises(UserError, match="exact_match"):
+        rewards.score(["1+1="], ["2"], [{}])
+
+
+# ------------------------------------------------------------------ a user's module:function
+
+
+def test_user_function_resolves_and_scores(user_module_importable):
+    func = resolve_reward_func("user_rewards:length")
+    assert func is user_module_importable.length
+    rewards = sources(reward_funcs="user_rewards:length", reward_clip=0)
+    total, parts = rewards.score(["p", "q"], ["abc", ""], [{}, {}])
+    assert parts["rewards/user_rewards:length"].tolist() == [3.0, 0.0]
+    assert total.tolist() == [3.0, 0.0]
+
+
+def test_user_function_receives_extra_fields_as_lists(user_module_importable):
+    rewards = sources(reward_funcs="user_rewards:record_fields")
+    extras = [{"answer": "2", "id": 7, "tags": ["a"]}, {"answer": "4", "id": 8, "tags": []},
+              {"answer": "6", "id": 9, "tags": ["b", "c"]}]
+    total, _ = rewards.score(["1+1=", "2+2=", "3+3="], ["2", "5", "6"], extras)
+    assert total.tolist() == [1.0, 0.0, 1.0]
+    assert len(user_module_importable.CALLS) == 1
+    call = user_module_importable.CALLS[0]
+    assert call["prompts"] == ["1+1=", "2+2=", "3+3="]
+    assert call["completions"] == ["2", "5", "6"]
+    assert call["answer"] == ["2", "4", "6"]
+    assert call["id"] == [7, 8, 9]
+    assert call["tags"] == [["a"], [], ["b", "c"]]
+
+
+def test_raising_function_names_function_and_row():
+    rewards = sources(reward_funcs="user_rewards:explode_on_bad")
+    with pytest.raises(UserError) as info:
+        rewards.score(["1+1=", "2+2=", "3+3="], ["2", "so bad", "6"], [{}, {}, {}])
+    message = str(info.value)
+    assert "user_rewards:explode_on_bad" in message
+    assert "ValueError" in message and "cannot score 'so bad'" in message
+    assert "row 1" in message
+    assert "'2+2='" in message and "'so bad'" in message  # the offending prompt and completion
+    assert "'1+1='" not in message  # not another row's
+
+
+def test_wrong_number_of_values_is_an_error():
+    rewards = sources(reward_funcs="user_rewards:one_short")
+    with pytest.raises(UserError, match=r"user_rewards:one_short.*returned 2 values for 3 completions"):
+        rewards.score(["a", "b", "c"], ["x", "y", "z"], [{}, {}, {}])
+
+
+@pytest.mark.parametrize("name", ["user_rewards:not_numbers", "user_rewards:returns_scalar"])
+def test_non_numeric_values_are_an_error(name):
+    rewards = sources(reward_funcs=name)
+    with pytest.raises(UserError, match=name):
+        rewards.score(["a", "b"], ["x", "y"], [{}, {}])
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("exact_matches", "unknown reward 'exact_matches'"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("user_rewards:missing", "has no function 'missing'"),
+    ("user_rewards:NOT_CALLABLE", "has no function 'NOT_CALLABLE'"),
+])
+def test_unknown_reward_is_an_error(name, fragment):
+    with pytest.raises(UserError, match=fragment):
+        resolve_reward_func(name)
+    with pytest.raises(UserError, match=fragment):
+        sources(reward_funcs=name)
+
+
+def test_reward_weights_must_match_sources():
+    with pytest.raises(UserError, match="reward_weights"):
+        sources(reward_funcs="exact_match,think_format", reward_weights="1.0")
+
+
+# ------------------------------------------------------------------ a reward model, weights and clipping
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tiny_qwen):
+    """A reward model folder: AutoModelForSequenceClassification from the tiny_qwen config, with a large head."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("reward_model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    config = AutoConfig.from_pretrained(tiny_qwen, num_labels=1)
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 3.0)  # scores of a few units, so clipping at 3 bites
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def rollout_layout(tokenizer, prompts, completions, device="cpu"):
+    """(input_ids, attention_mask) as rollouts lay them out: left-padded prompts, then completions, pad after."""
+    prompt_ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                                tokenizer.pad_token_id)
+    comp = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
+    width = max(len(c) for c in comp)
+    comp_ids = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in comp])
+    comp_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in comp])
+    return torch.cat([prompt_ids, comp_ids], 1).to(device), torch.cat([mask, comp_mask], 1).to(device)
+
+
+def test_reward_model_source_weights_and_clip(reward_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    prompts = ["12+34=", "5+5=", "99+1=", "hello", "7+8="]
+    completions = ["46", "10", "1000", "<think>hm</think>", "15"]
+    extras = [{"answer": "46"}, {"answer": "11"}, {"answer": "100"}, {"answer": "x"}, {"answer": "15"}]
+
+    # by hand: the reward model's own forward on each unpadded prompt + completion + EOS
+    hf = AutoModelForSequenceClassification.from_pretrained(reward_model_dir, num_labels=1).eval()
+    with torch.no_grad():
+        rm = torch.stack([hf(torch.tensor([tokenizer(p + c, add_special_tokens=False)["input_ids"]
+                                           + [tokenizer.eos_token_id]])).logits[0, 0]
+                          for p, c in zip(prompts, completions)])
+    assert rm.abs().max() > 3.0 and rm.abs().min() < 3.0, rm  # some rows clip, some do not
+    em = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0])
+    think = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0])
+
+    rewards = sources(tokenizer, reward_funcs="exact_match,think_format", reward_weights="2.0,1.0,-0.5",
+                      reward_model_name_or_path=reward_model_dir, reward_clip=3.0)
+    assert [s.name for s in rewards.sources] == ["exact_match", "think_format", "reward_model"]
+    assert [s.weight for s in rewards.sources] == [2.0, 1.0, -0.5]
+    assert len(rewards.models) == 1
+    assert not any(p.requires_grad for p in rewards.models[0].parameters())  # frozen
+    layout = rollout_layout(tokenizer, prompts, completions, rewards.models[0].device)
+    total, parts = rewards.score(prompts, completions, extras, layout)
+    torch.testing.assert_close(parts["rewards/reward_model"], rm, atol=1e-4, rtol=1e-4)
+    assert parts["rewards/exact_match"].tolist() == em.tolist()
+    assert parts["rewards/think_format"].tolist() == think.tolist()
+    unclipped = 2.0 * em + 1.0 * think - 0.5 * rm
+    torch.testing.assert_close(total, unclipped.clamp(-3.0, 3.0), atol=1e-4, rtol=1e-4)
+    assert total.abs().max() <= 3.0
+
+    # reward_clip 0 disables clipping
+    unbounded = sources(tokenizer, reward_funcs="exact_match,think_format", reward_weights="2.0,1.0,-0.5",
+                        reward_model_name_or_path=reward_model_dir, reward_clip=0)
+    total, _ = unbounded.score(prompts, completions, extras,
+                               rollout_layout(tokenizer, prompts, completions, unbounded.models[0].device))
+    torch.testing.assert_close(total, unclipped, atol=1e-4, rtol=1e-4)
+    assert total.abs().max() > 3.0
+
+
+def test_reward_model_only(reward_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    rewards = sources(tokenizer, reward_funcs="", reward_model_name_or_path=reward_model_dir, reward_clip=100)
+    assert [s.name for s in rewards.sources] == ["reward_model"]
+    prompts, completions = ["1+2=", "30+40="], ["3", "70"]
+    layout = rollout_layout(tokenizer, prompts, completions, rewards.models[0].device)
+    total, parts = rewards.score(prompts, completions, [{}, {}], layout)
+    assert list(parts) == ["rewards/reward_model"]
+    torch.testing.assert_close(total, parts["rewards/reward_model"])
+    assert total[0] != total[1]
+
+
+def test_no_reward_source_is_an_error():
+    with pytest.raises(UserError, match="no reward source"):
+        sources(reward_funcs="")
+
