@@ -178,17 +178,47 @@ class PromptStream:
         return {"epoch": self.epoch, "position": self.position}
 
 
-def resume_rl(cfg, modules: dict, optimizers: dict) -> dict:
-    """Restore an RL run from resume_from_checkpoint; returns its state ({} when starting fresh)."""
-    path = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-    if path is None:
-        return {}
-    print(f"resumed from {path}")
-    return checkpoint.load_checkpoint(path, modules, optimizers)
-
-
 def rl_total_steps(cfg, num_prompts: int) -> int:
     """Rollout batches of the run: max_steps, else epochs over the prompts."""
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.num_train_epochs * num_prompts / cfg.per_device_train_batch_size))
+
+
+def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimizer, scheduler,
+           rl_step: Callable[[list[int], StatsWindow, dict], None], probe: Callable[[], dict] | None = None,
+           state: dict | None = None) -> dict:
+    """The rollout loop PPO and GRPO share: prompts -> ``rl_step`` -> schedule, logs, checkpoints.
+
+    ``rl_step(prompt_indices, window, state)`` does one rollout and its updates,
+    adding stats to ``window``; ``state`` holds the recipe's own scalars (e.g.
+    PPO's adaptive kl_coef), logged and saved in every checkpoint. Resume
+    restores modules, optimizer, schedule, RNG, state and the prompt position.
+    Returns the last log record with ``wall_s``.
+    """
+    state = dict(state or {})
+    resume = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    saved = {}
+    if resume is not None:
+        saved = checkpoint.load_checkpoint(resume, modules, {"optimizer": optimizer, "scheduler": scheduler})
+        state.update({k: saved[k] for k in state if k in saved})
+        print(f"resumed from {resume} at step {saved['step']}")
+    step = saved.get("step", 0)
+    stream = PromptStream(num_prompts, cfg.per_device_train_batch_size, cfg.seed, saved.get("epoch", 0),
+                          saved.get("position", 0))
+    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc)
+    window, record = StatsWindow(), {}
+    while step < steps:
+        rl_step(stream.next(), window, state)
+        scheduler.step()
+        step += 1
+        logger.advance()
+        if step % cfg.logging_steps == 0 or step == steps:
+            extra = probe() if probe else {}
+            record = logger.log(step, {**window.pop(), **state, "learning_rate": scheduler.get_last_lr()[0], **extra})
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
+            checkpoint.save_checkpoint(cfg.output_dir, step, modules, {"optimizer": optimizer, "scheduler": scheduler},
+                                       {**state, "elapsed_s": logger.elapsed_s, **stream.state()}, cfg.save_total_limit)
+    logger.close()
+    record["wall_s"] = round(logger.elapsed_s, 2)
+    return record

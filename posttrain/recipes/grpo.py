@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from posttrain import checkpoint, metrics
 from posttrain.data import prompt_examples, read_rows
 from posttrain.evaluation import accuracy_probe
 from posttrain.losses import aggregate_loss, group_advantages, kl_penalty, masked_mean, ppo_token_losses
@@ -32,16 +31,7 @@ from posttrain.models import load_policy_and_reference, reference_mode, token_lo
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 from posttrain.rewards import RewardSources
 from posttrain.rollout import GroupRollout, generate
-from posttrain.training import (
-    PromptStream,
-    StatsWindow,
-    autocast,
-    finish,
-    resume_rl,
-    rl_total_steps,
-    setup_run,
-    trainable_parameters,
-)
+from posttrain.training import StatsWindow, autocast, finish, rl_total_steps, run_rl, setup_run, trainable_parameters
 
 
 def group_filter(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -127,30 +117,15 @@ def main(cfg) -> None:
     steps = rl_total_steps(cfg, len(prompts))
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
-    state = resume_rl(cfg, {"policy": policy}, {"optimizer": optimizer, "scheduler": scheduler})
-    step = state.get("step", 0)
-    stream = PromptStream(len(prompts), cfg.per_device_train_batch_size, cfg.seed, state.get("epoch", 0),
-                          state.get("position", 0))
     probe = accuracy_probe(policy, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, cfg.max_completion_length) \
         if cfg.eval_dataset_name else None
-    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, state.get("elapsed_s", 0.0), cfg.progress, "grpo")
-    window, record = StatsWindow(), {}
-    while step < steps:
-        rollout, stats = make_rollout(cfg, policy, ref, tokenizer, rewards, [prompts[i] for i in stream.next()])
+
+    def rl_step(indices, window, state):
+        rollout, stats = make_rollout(cfg, policy, ref, tokenizer, rewards, [prompts[i] for i in indices])
         window.add(stats)
         if rollout is not None:  # every group filtered out: no signal, no update
             update(cfg, policy, rollout, optimizer, params, window)
-        scheduler.step()
-        step += 1
-        logger.advance()
-        if step % cfg.logging_steps == 0 or step == steps:
-            extra = probe() if probe else {}
-            record = logger.log(step, {**window.pop(), "learning_rate": scheduler.get_last_lr()[0], **extra})
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
-            checkpoint.save_checkpoint(cfg.output_dir, step, {"policy": policy},
-                                       {"optimizer": optimizer, "scheduler": scheduler},
-                                       {"elapsed_s": logger.elapsed_s, **stream.state()}, cfg.save_total_limit)
-    logger.close()
-    record["wall_s"] = round(logger.elapsed_s, 2)
+
+    record = run_rl(cfg, "grpo", steps, len(prompts), {"policy": policy}, optimizer, scheduler, rl_step, probe)
     copies = {"policy": 1, "reference": int(ref is not None), "reward_model": len(rewards.models)}
     finish(cfg, policy, tokenizer, record, "GRPO", {"model_copies": copies})

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from posttrain import checkpoint, metrics
+from posttrain import checkpoint
 from posttrain.data import prompt_examples, read_rows
 from posttrain.distributed import device
 from posttrain.evaluation import accuracy_probe
@@ -43,16 +43,7 @@ from posttrain.models import load_policy_and_reference, load_scalar_model, refer
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 from posttrain.rewards import RewardSources
 from posttrain.rollout import Rollout, generate
-from posttrain.training import (
-    PromptStream,
-    StatsWindow,
-    autocast,
-    finish,
-    resume_rl,
-    rl_total_steps,
-    setup_run,
-    trainable_parameters,
-)
+from posttrain.training import StatsWindow, autocast, finish, rl_total_steps, run_rl, setup_run, trainable_parameters
 
 
 class ValueHead(nn.Module):
@@ -166,35 +157,20 @@ def main(cfg) -> None:
     steps = rl_total_steps(cfg, len(prompts))
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
-    state = resume_rl(cfg, {"actor": actor, "critic": value_module}, {"optimizer": optimizer, "scheduler": scheduler})
-    step, kl_coef = state.get("step", 0), state.get("kl_coef", cfg.kl_coef)
-    stream = PromptStream(len(prompts), cfg.per_device_train_batch_size, cfg.seed, state.get("epoch", 0),
-                          state.get("position", 0))
     probe = accuracy_probe(actor, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, cfg.max_completion_length) \
         if cfg.eval_dataset_name else None
-    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, state.get("elapsed_s", 0.0), cfg.progress, "ppo")
-    window, record = StatsWindow(), {}
-    while step < steps:
-        batch = [prompts[i] for i in stream.next()]
-        rollout, stats = make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, batch, kl_coef)
+
+    def rl_step(indices, window, state):
+        batch = [prompts[i] for i in indices]
+        rollout, stats = make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, batch, state["kl_coef"])
         window.add(stats)
         ppo_epochs(cfg, actor, critic, value_head, rollout, optimizer, params, window)
-        scheduler.step()
         if cfg.target_kl_coef:
-            kl_coef = adaptive_kl_coef(kl_coef, float(stats["kl"]), cfg.target_kl_coef, len(batch), cfg.kl_horizon)
-        step += 1
-        logger.advance()
-        if step % cfg.logging_steps == 0 or step == steps:
-            extra = probe() if probe else {}
-            record = logger.log(step, {**window.pop(), "kl_coef": kl_coef, "learning_rate": scheduler.get_last_lr()[0],
-                                       **extra})
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
-            checkpoint.save_checkpoint(cfg.output_dir, step, {"actor": actor, "critic": value_module},
-                                       {"optimizer": optimizer, "scheduler": scheduler},
-                                       {"kl_coef": kl_coef, "elapsed_s": logger.elapsed_s, **stream.state()},
-                                       cfg.save_total_limit)
-    logger.close()
-    record["wall_s"] = round(logger.elapsed_s, 2)
+            state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], float(stats["kl"]), cfg.target_kl_coef, len(batch),
+                                                cfg.kl_horizon)
+
+    record = run_rl(cfg, "ppo", steps, len(prompts), {"actor": actor, "critic": value_module}, optimizer, scheduler,
+                    rl_step, probe, state={"kl_coef": cfg.kl_coef})
 
     # 6. save: the actor at output_dir, the critic at output_dir/critic/
     copies = {"actor": 1, "critic": 0 if value_head is not None else 1, "reference": int(ref is not None),

@@ -15,6 +15,7 @@ import random
 import pytest
 import torch
 from reward_helpers import read_jsonl, run_recipe, thirds
+from safetensors.torch import load_file
 
 import posttrain.checkpoint
 import posttrain.recipes.ppo as ppo_recipe
@@ -245,9 +246,10 @@ class Interrupted(Exception):
 
 
 @pytest.mark.slow
-def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data, monkeypatch):
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data, monkeypatch, critic):
     fields = base_fields(tiny_qwen, arith_data, max_steps=6, save_steps=3, per_device_train_batch_size=8,
-                         lr_scheduler_type="cosine")
+                         lr_scheduler_type="cosine", critic=critic)
     full, _ = run_recipe("ppo", tmp_path / "full", **fields)
     assert (tmp_path / "full" / "checkpoint-3").is_dir()
 
@@ -274,3 +276,14 @@ def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data
         assert a["completion_length"] == b["completion_length"]
         for key in ("loss", "kl", "value_loss", "learning_rate"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    # the final actor and critic match too
+    full_actor, resumed_actor = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "interrupted"))
+    assert full_actor.keys() == resumed_actor.keys()
+    for key in full_actor:
+        torch.testing.assert_close(resumed_actor[key], full_actor[key], rtol=1e-4, atol=1e-5)
+    if critic == "shared":
+        heads = [torch.load(tmp_path / d / "critic" / "value_head.pt", weights_only=True) for d in ("full", "interrupted")]
+    else:
+        heads = [load_file(tmp_path / d / "critic" / "model.safetensors") for d in ("full", "interrupted")]
+    for key in heads[0]:
+        torch.testing.assert_close(heads[1][key], heads[0][key], rtol=1e-4, atol=1e-5)
