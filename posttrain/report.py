@@ -106,15 +106,35 @@ def _img(path: Path) -> str:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     return "" if value is None else html.escape(str(value))
+
+
+COLUMN_ORDER = ("accuracy", "greedy_accuracy", "reward_mean", "kl_to_ref", "train_reward", "pair_accuracy", "wall_s",
+                "peak_rss_mb", "model_copies", "copies_held")
+
+
+def findings(stages: dict) -> list[str]:
+    """Plain-language notes: what each stage gained over SFT, and reward hacking where it shows."""
+    base = stages.get("sft", {})
+    notes = []
+    for name, entry in stages.items():
+        if name == "sft" or "accuracy" not in entry or "accuracy" not in base:
+            continue
+        gain = entry["accuracy"] - base["accuracy"]
+        note = (f"{name}: sampled accuracy {base['accuracy']:.3f} → {entry['accuracy']:.3f} ({gain:+.3f}), "
+                f"greedy {base['greedy_accuracy']:.3f} → {entry['greedy_accuracy']:.3f}")
+        if "train_reward" in entry and gain < 0.02:
+            note += (f"; its training reward reached {entry['train_reward']:.2f} while held-out accuracy did not "
+                     "rise: reward hacking — the policy found what its reward scores highly, not what is correct")
+        notes.append(note)
+    return notes
 
 
 def render_html(report: dict, samples: dict[str, list], plots: list[Path]) -> str:
     stages = report["stages"]
-    columns = []
-    for entry in stages.values():
-        columns += [k for k in entry if k not in columns]
+    present = {k for entry in stages.values() for k in entry}
+    columns = [c for c in COLUMN_ORDER if c in present] + sorted(present - set(COLUMN_ORDER))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["stage"] + columns)
     rows = "".join("<tr><td>" + html.escape(name) + "</td>" + "".join(f"<td>{_fmt(e.get(c))}</td>" for c in columns) + "</tr>"
                    for name, e in stages.items())
@@ -134,8 +154,8 @@ def render_html(report: dict, samples: dict[str, list], plots: list[Path]) -> st
         side = f"<h2>Held-out prompts, answered by each stage</h2><table><tr>{side_head}</tr>{side_rows}</table>"
     figures = "".join(_img(p) for p in plots)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>posttrain report: {html.escape(str(report['task']))}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}}td:first-child{{text-align:left}}
 .ok{{background:#e6f4e6}}.bad{{background:#fbe9e9}}figure{{display:inline-block;margin:4px}}img{{max-width:380px}}</style>
 </head><body><h1>posttrain report — task <code>{html.escape(str(report['task']))}</code></h1>
 <p>{report.get('eval_prompts')} held-out prompts that no stage trained on. accuracy: exact match of completions sampled at
@@ -143,6 +163,7 @@ temperature 1.0; greedy_accuracy: greedy decoding; kl_to_ref: mean per-sequence 
 completions; wall_s: training time of the stage; peak_rss_mb: the stage process's peak resident memory.
 Total wall time: {_fmt(report.get('total_wall_s'))} s.</p>
 <h2>Stages</h2><table><tr>{head}</tr>{rows}</table>
+<ul>{"".join(f"<li>{html.escape(n)}</li>" for n in findings(stages))}</ul>
 <h2>Training curves</h2>{figures}
 {side}
 </body></html>

@@ -54,3 +54,27 @@ def thirds(values: list[float]) -> tuple[float, float]:
     """Mean of the first third and of the last third of a series."""
     k = max(1, len(values) // 3)
     return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+class Interrupted(Exception):
+    """Raised right after the first checkpoint is written: the run 'dies' there."""
+
+
+def run_interrupted(stage: str, output_dir, **fields) -> None:
+    """Run a recipe that is killed right after its first checkpoint-STEP is saved."""
+    import posttrain.checkpoint
+
+    original = posttrain.checkpoint.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = original(*args, **kwargs)
+        raise Interrupted(path)
+
+    posttrain.checkpoint.save_checkpoint = save_then_die
+    try:
+        run_recipe(stage, output_dir, **fields)
+    except Interrupted:
+        return
+    finally:
+        posttrain.checkpoint.save_checkpoint = original
+    raise AssertionError("the run finished without saving a checkpoint")

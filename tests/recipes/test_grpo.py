@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from reward_helpers import ascii_frac, read_jsonl, run_recipe, thirds
+from reward_helpers import ascii_frac, read_jsonl, run_interrupted, run_recipe, thirds
 
 import posttrain.models
 import posttrain.recipes.grpo as grpo_recipe
@@ -263,3 +263,19 @@ def test_grpo_mask_truncated_completions(tmp_path, no_eos_model, arith_data, mas
     else:
         assert min(series(records, "grad_norm")) > 0
         assert not same_weights(out, no_eos_model)
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_grpo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data):
+    fields = base_fields(tiny_qwen, arith_data, max_steps=4, save_steps=2, num_iterations=2)
+    full, _ = run_recipe("grpo", tmp_path / "full", **fields)
+    run_interrupted("grpo", tmp_path / "interrupted", **fields)
+    assert [r["step"] for r in read_jsonl(tmp_path / "interrupted" / "metrics.jsonl")] == [1, 2]
+    resumed, _ = run_recipe("grpo", tmp_path / "interrupted", **fields, resume_from_checkpoint="latest")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        assert a["reward"] == b["reward"], f"step {a['step']}: reward {a['reward']} vs resumed {b['reward']}"
+        for key in ("loss", "kl", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)

@@ -14,10 +14,9 @@ import random
 
 import pytest
 import torch
-from reward_helpers import read_jsonl, run_recipe, thirds
+from reward_helpers import read_jsonl, run_interrupted, run_recipe, thirds
 from safetensors.torch import load_file
 
-import posttrain.checkpoint
 import posttrain.recipes.ppo as ppo_recipe
 
 PPO_KEYS = ("reward", "reward_std", "kl", "entropy", "clip_ratio", "approx_kl", "policy_loss", "value_loss",
@@ -241,13 +240,9 @@ def test_ppo_adaptive_kl_controller(tmp_path, tiny_qwen, arith_data):
 # ------------------------------------------------------------------ exact resume
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("critic", ["separate", "shared"])
-def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data, monkeypatch, critic):
+def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data, critic):
     fields = base_fields(tiny_qwen, arith_data, max_steps=6, save_steps=3, per_device_train_batch_size=8,
                          lr_scheduler_type="cosine", critic=critic)
     full, _ = run_recipe("ppo", tmp_path / "full", **fields)
@@ -255,16 +250,7 @@ def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data
 
     # the same run, killed right after its checkpoint at step 3 ...
     out = tmp_path / "interrupted"
-    original = posttrain.checkpoint.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        path = original(*args, **kwargs)
-        raise Interrupted(path)
-
-    monkeypatch.setattr(posttrain.checkpoint, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        run_recipe("ppo", out, **fields)
-    monkeypatch.setattr(posttrain.checkpoint, "save_checkpoint", original)
+    run_interrupted("ppo", out, **fields)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert not (out / "summary.json").exists()
 
@@ -287,3 +273,17 @@ def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data
         heads = [load_file(tmp_path / d / "critic" / "model.safetensors") for d in ("full", "interrupted")]
     for key in heads[0]:
         torch.testing.assert_close(heads[1][key], heads[0][key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.xfail(reason="training.run_rl does not checkpoint the StatsWindow: after a resume the first log line "
+                          "averages only the steps run since the resume, not the whole logging window")
+def test_ppo_resume_inside_a_logging_window(tmp_path, tiny_qwen, arith_data):
+    # save_steps 3 falls inside the logging window of steps 3-4 (logging_steps 2)
+    fields = base_fields(tiny_qwen, arith_data, max_steps=4, save_steps=3, logging_steps=2,
+                         per_device_train_batch_size=8)
+    full, _ = run_recipe("ppo", tmp_path / "full", **fields)
+    run_interrupted("ppo", tmp_path / "interrupted", **fields)
+    resumed, _ = run_recipe("ppo", tmp_path / "interrupted", **fields, resume_from_checkpoint="latest")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full] == [2, 4]
+    for key in ("reward", "completion_length", "loss"):
+        assert resumed[-1][key] == pytest.approx(full[-1][key], rel=1e-4, abs=1e-6), key

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reward_helpers import read_jsonl, run_recipe, thirds
+from reward_helpers import read_jsonl, run_interrupted, run_recipe, thirds
 
 from posttrain.config import load_config
 from posttrain.data import collate_preferences, preference_examples, read_rows
@@ -207,3 +207,35 @@ def test_rm_margin_must_be_a_number(tmp_path, tiny_qwen):
                                                 {"prompt": "1+2=", "chosen": "3", "rejected": "4", "margin": "big"}])
     with pytest.raises(UserError, match=r"bad\.jsonl:2.*margin"):
         preference_examples(read_rows(path), load_tokenizer(str(tiny_qwen)), 64, 32)
+
+
+# ------------------------------------------------------------------ resume
+
+
+def _rm_resume_fields(tiny_qwen, pref_split, **extra):
+    return dict(model_name_or_path=tiny_qwen, dataset_name=pref_split[0], per_device_train_batch_size=8,
+                learning_rate=3e-3, max_steps=6, save_steps=3, eval_split=0, **extra)
+
+
+def test_rm_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, pref_split):
+    fields = _rm_resume_fields(tiny_qwen, pref_split, logging_steps=1)
+    full, _ = run_recipe("rm", tmp_path / "full", **fields)
+    run_interrupted("rm", tmp_path / "interrupted", **fields)
+    resumed, _ = run_recipe("rm", tmp_path / "interrupted", **fields, resume_from_checkpoint="latest")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed):
+        for key in ("loss", "accuracy", "rewards/margins"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.xfail(reason="training.fit does not checkpoint the StatsWindow: after a resume the first log line "
+                          "averages only the steps run since the resume, not the whole logging window")
+def test_rm_resume_inside_a_logging_window(tmp_path, tiny_qwen, pref_split):
+    fields = _rm_resume_fields(tiny_qwen, pref_split, logging_steps=2)  # checkpoint-3 is mid-window (steps 3-4)
+    full, _ = run_recipe("rm", tmp_path / "full", **fields)
+    run_interrupted("rm", tmp_path / "interrupted", **fields)
+    resumed, _ = run_recipe("rm", tmp_path / "interrupted", **fields, resume_from_checkpoint="latest")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full] == [2, 4, 6]
+    for a, b in zip(full, resumed):
+        for key in ("loss", "accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
