@@ -70,6 +70,14 @@ class StatsWindow:
         self.counts.clear()
         return out
 
+    def state(self) -> dict:
+        """The pending sums and counts, saved in a checkpoint taken between two log lines."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load(self, state: dict | None) -> None:
+        for k, v in (state or {}).get("sums", {}).items():
+            self.sums[k], self.counts[k] = v, state["counts"][k]
+
 
 def fit(
     cfg,
@@ -98,14 +106,15 @@ def fit(
 
     # resume: modules, optimizer, schedule, RNG and the data position (epoch, micro-batch)
     step, epoch, micro, elapsed = 0, 0, 0, 0.0
+    window = StatsWindow()
     resume = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume is not None:
         state = checkpoint.load_checkpoint(resume, {"model": model}, {"optimizer": optimizer, "scheduler": scheduler})
         step, epoch, micro, elapsed = state["step"], state["epoch"], state["micro"], state["elapsed_s"]
+        window.load(state.get("window"))
         print(f"resumed from {resume} at step {step}")
 
     logger = metrics.MetricsLogger(cfg.output_dir, steps, step, elapsed, cfg.progress, desc)
-    window = StatsWindow()
     record: dict = {}
     model.train()
     while step < steps:
@@ -133,7 +142,7 @@ def fit(
             if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
                 checkpoint.save_checkpoint(cfg.output_dir, step, {"model": model},
                                            {"optimizer": optimizer, "scheduler": scheduler},
-                                           {"epoch": epoch, "micro": micro, "elapsed_s": logger.elapsed_s},
+                                           {"epoch": epoch, "micro": micro, "elapsed_s": logger.elapsed_s, "window": window.state()},
                                            cfg.save_total_limit)
         if micro >= len(batches):
             epoch, micro = epoch + 1, 0
@@ -208,6 +217,7 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
                           saved.get("position", 0))
     logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc)
     window, record = StatsWindow(), {}
+    window.load(saved.get("window"))
     while step < steps:
         rl_step(stream.next(), window, state)
         scheduler.step()
@@ -218,7 +228,8 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
             record = logger.log(step, {**window.pop(), **state, "learning_rate": scheduler.get_last_lr()[0], **extra})
         if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
             checkpoint.save_checkpoint(cfg.output_dir, step, modules, {"optimizer": optimizer, "scheduler": scheduler},
-                                       {**state, "elapsed_s": logger.elapsed_s, **stream.state()}, cfg.save_total_limit)
+                                       {**state, "elapsed_s": logger.elapsed_s, **stream.state(), "window": window.state()},
+                                       cfg.save_total_limit)
     logger.close()
     record["wall_s"] = round(logger.elapsed_s, 2)
     return record

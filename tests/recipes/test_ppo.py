@@ -275,8 +275,6 @@ def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data
         torch.testing.assert_close(heads[1][key], heads[0][key], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(reason="training.run_rl does not checkpoint the StatsWindow: after a resume the first log line "
-                          "averages only the steps run since the resume, not the whole logging window")
 def test_ppo_resume_inside_a_logging_window(tmp_path, tiny_qwen, arith_data):
     # save_steps 3 falls inside the logging window of steps 3-4 (logging_steps 2)
     fields = base_fields(tiny_qwen, arith_data, max_steps=4, save_steps=3, logging_steps=2,

@@ -228,8 +228,6 @@ def test_rm_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, pref_split)
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
-@pytest.mark.xfail(reason="training.fit does not checkpoint the StatsWindow: after a resume the first log line "
-                          "averages only the steps run since the resume, not the whole logging window")
 def test_rm_resume_inside_a_logging_window(tmp_path, tiny_qwen, pref_split):
     fields = _rm_resume_fields(tiny_qwen, pref_split, logging_steps=2)  # checkpoint-3 is mid-window (steps 3-4)
     full, _ = run_recipe("rm", tmp_path / "full", **fields)
