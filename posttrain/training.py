@@ -60,19 +60,20 @@ class StatsWindow:
         self.sums, self.counts = defaultdict(float), defaultdict(int)
 
     def add(self, stats: dict) -> None:
+        # tensors stay tensors until a log line: no device sync per micro-batch
         for k, v in stats.items():
-            self.sums[k] += float(v)
+            self.sums[k] = self.sums[k] + (v.detach().float() if torch.is_tensor(v) else float(v))
             self.counts[k] += 1
 
     def pop(self) -> dict:
-        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        out = {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
         self.sums.clear()
         self.counts.clear()
         return out
 
     def state(self) -> dict:
         """The pending sums and counts, saved in a checkpoint taken between two log lines."""
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "counts": dict(self.counts)}
 
     def load(self, state: dict | None) -> None:
         for k, v in (state or {}).get("sums", {}).items():

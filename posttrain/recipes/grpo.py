@@ -107,7 +107,7 @@ def update(cfg, policy, rollout: GroupRollout, optimizer, params, window: StatsW
 
 
 def main(cfg) -> None:
-    # 0. set-up: prompts, policy, reference only when beta > 0, reward sources
+    # set-up: prompts, policy, reference only when beta > 0, reward sources
     setup_run(cfg)
     tokenizer, policy, ref = load_policy_and_reference(cfg, need_reference=cfg.beta > 0)
     prompts = prompt_examples(read_rows(cfg.dataset_name), tokenizer, cfg.max_prompt_length)
@@ -120,7 +120,7 @@ def main(cfg) -> None:
     probe = accuracy_probe(policy, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, cfg.max_completion_length) \
         if cfg.eval_dataset_name else None
 
-    def rl_step(indices, window, state):
+    def rl_step(indices, window, state):  # steps 1-4 of the module docstring, once per rollout batch
         rollout, stats = make_rollout(cfg, policy, ref, tokenizer, rewards, [prompts[i] for i in indices])
         window.add(stats)
         if rollout is not None:  # every group filtered out: no signal, no update

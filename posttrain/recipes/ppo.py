@@ -137,7 +137,7 @@ def ppo_epochs(cfg, actor, critic, value_head, rollout: Rollout, optimizer, para
 
 
 def main(cfg) -> None:
-    # 0. set-up: prompts, actor + reference, critic, reward sources, optimizer
+    # set-up: prompts, actor + reference, critic, reward sources, optimizer
     setup_run(cfg)
     tokenizer, actor, ref = load_policy_and_reference(cfg)
     prompts = prompt_examples(read_rows(cfg.dataset_name), tokenizer, cfg.max_prompt_length)
@@ -160,7 +160,7 @@ def main(cfg) -> None:
     probe = accuracy_probe(actor, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, cfg.max_completion_length) \
         if cfg.eval_dataset_name else None
 
-    def rl_step(indices, window, state):
+    def rl_step(indices, window, state):  # steps 1-5 of the module docstring, once per rollout batch
         batch = [prompts[i] for i in indices]
         rollout, stats = make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, batch, state["kl_coef"])
         window.add(stats)
@@ -172,7 +172,7 @@ def main(cfg) -> None:
     record = run_rl(cfg, "ppo", steps, len(prompts), {"actor": actor, "critic": value_module}, optimizer, scheduler,
                     rl_step, probe, state={"kl_coef": cfg.kl_coef})
 
-    # 6. save: the actor at output_dir, the critic at output_dir/critic/
+    # save: the actor at output_dir, the critic at output_dir/critic/
     copies = {"actor": 1, "critic": 0 if value_head is not None else 1, "reference": int(ref is not None),
               "reward_model": len(rewards.models)}
     save_critic(cfg, critic, value_head, tokenizer)
