@@ -42,10 +42,9 @@ def stage_entry(result: dict) -> dict:
 
 
 def build_report(task: str, out: Path, stages, results: dict, total_s: float) -> dict:
-    eval_n = next((len(r["eval"].get("samples", [])) and r.get("eval_prompts") for r in results.values() if "eval" in r), None)
     report = {
         "task": task,
-        "eval_prompts": eval_n or _count_eval_rows(out),
+        "eval_prompts": _count_eval_rows(out),
         "stages": {s.name: stage_entry(results[s.name]) for s in stages},
         "total_wall_s": round(total_s, 1),
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 from posttrain.data import collate_examples, read_rows, sft_examples
 from posttrain.evaluation import accuracy_probe
 from posttrain.losses import masked_mean
-from posttrain.models import load_causal_lm, load_tokenizer, prepare_model
+from posttrain.models import load_causal_lm, load_tokenizer, prepare_model, token_logps
 from posttrain.training import finish, fit, setup_run
 
 
@@ -25,14 +25,13 @@ def corpus_of(rows) -> list[str]:
             if isinstance(value, str):
                 texts.append(value)
             elif isinstance(value, list):
-                texts += [m.get("content", "") for m in value if isinstance(m, dict)] + [m.get("role", "") for m in value if isinstance(m, dict)]
+                messages = [m for m in value if isinstance(m, dict)]
+                texts += [str(m.get("content", "")) for m in messages] + [str(m.get("role", "")) for m in messages]
     return texts
 
 
 def sft_loss(model, batch):
     """Mean NLL of the response tokens. Returns (loss, stats)."""
-    from posttrain.models import token_logps
-
     logps = token_logps(model, batch.input_ids, batch.attention_mask)  # (B, L-1)
     loss = -masked_mean(logps, batch.loss_mask)
     return loss, {"num_tokens": batch.loss_mask.sum()}
