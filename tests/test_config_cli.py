@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -343,3 +344,13 @@ def test_data_command_eval_prompts_are_held_out(data_run):
     held_out = prompts("eval.jsonl")
     for name in ("sft.jsonl", "preference.jsonl", "prompts.jsonl"):
         assert not held_out & prompts(name), name
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_loads(path):
+    # the stage is the file name's prefix (sft_tiny.yaml -> sft); each header names its run command
+    stage = path.name.split("_")[0]
+    cfg = load_config(stage, str(path), {})
+    assert cfg.dataset_name and cfg.output_dir
+    assert f"posttrain {stage} --config configs/{path.name}" in path.read_text()
