@@ -111,8 +111,8 @@ def run_stage(stage: Stage, out: Path, data: Path, quick: bool, log) -> dict:
     return {"process_wall_s": round(wall, 1), **summary}
 
 
-def evaluate_stage(stage: Stage, out: Path, data: Path, ref_dir: Path, max_rows: int) -> dict:
-    """Held-out figures of a trained policy: accuracy, greedy accuracy, reward, KL to the SFT model."""
+def evaluate_stage(stage: Stage, out: Path, data: Path, ref, max_rows: int) -> dict:
+    """Held-out figures of a trained policy: accuracy, greedy accuracy, reward, KL to ``ref`` (the SFT model)."""
     from posttrain.data import prompt_examples, read_rows
     from posttrain.evaluation import evaluate
     from posttrain.models import load_causal_lm, load_tokenizer
@@ -121,7 +121,6 @@ def evaluate_stage(stage: Stage, out: Path, data: Path, ref_dir: Path, max_rows:
     model_dir = out / stage.name
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), trainable=False)
-    ref = load_causal_lm(str(ref_dir), trainable=False) if stage.name != "sft" else None
     rows = read_rows(str(data / arith.FILES["eval"]))[:max_rows]
     examples = prompt_examples(rows, tokenizer, 64)
     rewards = RewardSources([RewardSource("exact_match", 1.0, func=arith.exact_match)], 0)
@@ -168,11 +167,15 @@ def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int =
 
     # 3. evaluation on the held-out prompts
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from posttrain.models import load_causal_lm
+
     max_rows = 64 if quick else 10**6
+    sft_model = load_causal_lm(str(out / "sft"), trainable=False)  # the reference of every KL, loaded once
     for stage in selected:
         if stage.policy:
             log(f"[{stage.name}] evaluating")
-            results[stage.name]["eval"] = evaluate_stage(stage, out, data, out / "sft", max_rows)
+            ref = sft_model if stage.name != "sft" else None
+            results[stage.name]["eval"] = evaluate_stage(stage, out, data, ref, max_rows)
 
     # 4. report
     from posttrain.report import build_report, write_report

@@ -87,6 +87,13 @@ def accuracy_probe(model, tokenizer, path: str, max_rows: int, max_new_tokens: i
     return probe
 
 
+def probe_from_config(cfg, model, tokenizer, max_new_tokens: int):
+    """``accuracy_probe`` on ``cfg.eval_dataset_name``, or None when the config names no eval file."""
+    if not cfg.eval_dataset_name:
+        return None
+    return accuracy_probe(model, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, max_new_tokens)
+
+
 def generate_main(args) -> None:
     tokenizer = load_tokenizer(args.model_name_or_path)
     model = load_causal_lm(args.model_name_or_path, trainable=False)

@@ -169,6 +169,15 @@ def apply_lora(model, r: int, alpha: int, target_modules: str):
     return get_peft_model(model, config)
 
 
+def prepare_for_training(model, cfg):
+    """Activation checkpointing and LoRA, as the config asks; returns the model to train."""
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if cfg.use_peft:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+    return model
+
+
 def load_policy_and_reference(cfg, need_reference: bool = True):
     """Tokenizer, trainable policy (LoRA-wrapped with use_peft) and frozen reference.
 
@@ -177,11 +186,7 @@ def load_policy_and_reference(cfg, need_reference: bool = True):
     separate reference is named: then the base with adapters off serves.
     """
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    policy = load_causal_lm(cfg.model_name_or_path)
-    if cfg.gradient_checkpointing:
-        policy.activation_checkpointing_enable()
-    if cfg.use_peft:
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+    policy = prepare_for_training(load_causal_lm(cfg.model_name_or_path), cfg)
     ref = None
     if need_reference and (cfg.ref_model_name_or_path or not cfg.use_peft):
         ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, "ref_model_name_or_path",

@@ -53,6 +53,20 @@ def trainable_parameters(*models) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for m in models for n, p in m.named_parameters() if p.requires_grad]
 
 
+def resume(cfg, modules: dict, optimizer, scheduler) -> dict:
+    """Restore modules, optimizer, schedule and RNG from resume_from_checkpoint.
+
+    Returns the checkpoint's trainer state (step, data position, ...), or {}
+    when there is nothing to resume.
+    """
+    path = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    if path is None:
+        return {}
+    saved = checkpoint.load_checkpoint(path, modules, {"optimizer": optimizer, "scheduler": scheduler})
+    print(f"resumed from {path} at step {saved['step']}")
+    return saved
+
+
 class StatsWindow:
     """Running means of detached stats between two log lines."""
 
@@ -105,17 +119,13 @@ def fit(
     steps = total_steps(cfg, micro_per_epoch)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
-    # resume: modules, optimizer, schedule, RNG and the data position (epoch, micro-batch)
-    step, epoch, micro, elapsed = 0, 0, 0, 0.0
+    # resume: modules, optimizer, schedule, RNG, the data position (epoch, micro-batch) and the logging window
+    saved = resume(cfg, {"model": model}, optimizer, scheduler)
+    step, epoch, micro = saved.get("step", 0), saved.get("epoch", 0), saved.get("micro", 0)
     window = StatsWindow()
-    resume = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-    if resume is not None:
-        state = checkpoint.load_checkpoint(resume, {"model": model}, {"optimizer": optimizer, "scheduler": scheduler})
-        step, epoch, micro, elapsed = state["step"], state["epoch"], state["micro"], state["elapsed_s"]
-        window.load(state.get("window"))
-        print(f"resumed from {resume} at step {step}")
+    window.load(saved.get("window"))
 
-    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, elapsed, cfg.progress, desc)
+    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc)
     record: dict = {}
     model.train()
     while step < steps:
@@ -207,12 +217,8 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
     Returns the last log record with ``wall_s``.
     """
     state = dict(state or {})
-    resume = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-    saved = {}
-    if resume is not None:
-        saved = checkpoint.load_checkpoint(resume, modules, {"optimizer": optimizer, "scheduler": scheduler})
-        state.update({k: saved[k] for k in state if k in saved})
-        print(f"resumed from {resume} at step {saved['step']}")
+    saved = resume(cfg, modules, optimizer, scheduler)
+    state.update({k: saved[k] for k in state if k in saved})
     step = saved.get("step", 0)
     stream = PromptStream(num_prompts, cfg.per_device_train_batch_size, cfg.seed, saved.get("epoch", 0),
                           saved.get("position", 0))

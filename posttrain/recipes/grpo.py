@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.data import prompt_examples, read_rows
-from posttrain.evaluation import accuracy_probe
+from posttrain.evaluation import probe_from_config
 from posttrain.losses import aggregate_loss, group_advantages, kl_penalty, masked_mean, ppo_token_losses
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
@@ -117,8 +117,7 @@ def main(cfg) -> None:
     steps = rl_total_steps(cfg, len(prompts))
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
-    probe = accuracy_probe(policy, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, cfg.max_completion_length) \
-        if cfg.eval_dataset_name else None
+    probe = probe_from_config(cfg, policy, tokenizer, cfg.max_completion_length)
 
     def rl_step(indices, window, state):  # steps 1-4 of the module docstring, once per rollout batch
         rollout, stats = make_rollout(cfg, policy, ref, tokenizer, rewards, [prompts[i] for i in indices])

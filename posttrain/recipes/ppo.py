@@ -27,7 +27,7 @@ from torch import nn
 from posttrain import checkpoint
 from posttrain.data import prompt_examples, read_rows
 from posttrain.distributed import device
-from posttrain.evaluation import accuracy_probe
+from posttrain.evaluation import probe_from_config
 from posttrain.losses import (
     adaptive_kl_coef,
     explained_variance,
@@ -58,20 +58,22 @@ class ValueHead(nn.Module):
         return self.score(hidden).squeeze(-1).float()
 
 
-def actor_critic_forward(actor, critic, value_head, ids, attention_mask, T: int, entropy_grad: bool = False):
-    """Completion log-probs (B, T), entropies (B, T) and values (B, T) of V(s_t).
+def actor_critic_forward(actor, critic, value_head, ids, attention_mask, T: int, entropy: bool = True,
+                         entropy_grad: bool = False):
+    """Completion log-probs (B, T), entropies (B, T) (None unless ``entropy``) and values (B, T) of V(s_t).
 
     V(s_t) is read at the position *before* token t (the state it was sampled
     from); a shared critic reads it from the same forward as the log-probs.
     """
+    kwargs = {"return_entropy": entropy, "entropy_grad": entropy_grad, "return_hidden": value_head is not None}
+    out = token_logps(actor, ids, attention_mask, T, **kwargs)
+    out = out if isinstance(out, tuple) else (out,)
+    logps, ent = out[0], (out[1] if entropy else None)
     if value_head is not None:
-        logps, entropy, hidden = token_logps(actor, ids, attention_mask, T, return_entropy=True, return_hidden=True,
-                                             entropy_grad=entropy_grad)
-        values = value_head(hidden[:, -T - 1:-1])
+        values = value_head(out[-1][:, -T - 1:-1])
     else:
-        logps, entropy = token_logps(actor, ids, attention_mask, T, return_entropy=True, entropy_grad=entropy_grad)
         values = token_values(critic, ids, attention_mask)[:, -T - 1:-1]
-    return logps, entropy, values
+    return logps, ent, values
 
 
 @torch.no_grad()
@@ -81,7 +83,8 @@ def make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, prompt
                    top_k=cfg.top_k)
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     with autocast(cfg.bf16):
-        old_logps, _, values = actor_critic_forward(actor, critic, value_head, gen.input_ids, gen.attention_mask, T)
+        old_logps, _, values = actor_critic_forward(actor, critic, value_head, gen.input_ids, gen.attention_mask, T,
+                                                    entropy=False)
         with reference_mode(actor, ref) as ref_model:
             ref_logps = token_logps(ref_model, gen.input_ids, gen.attention_mask, T)
     scores, parts = rewards.score([p.prompt_text for p in prompts], gen.completions, [p.extra for p in prompts],
@@ -157,8 +160,7 @@ def main(cfg) -> None:
     steps = rl_total_steps(cfg, len(prompts))
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
-    probe = accuracy_probe(actor, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, cfg.max_completion_length) \
-        if cfg.eval_dataset_name else None
+    probe = probe_from_config(cfg, actor, tokenizer, cfg.max_completion_length)
 
     def rl_step(indices, window, state):  # steps 1-5 of the module docstring, once per rollout batch
         batch = [prompts[i] for i in indices]

@@ -78,7 +78,7 @@ def main(cfg) -> None:
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path")
     model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:  # LoRA is not offered for reward models: the scalar head needs the full trunk
         model.activation_checkpointing_enable()
 
     # 2. tokenise the pairs

@@ -11,9 +11,9 @@ means. ``completion_only_loss: false`` trains on the prompt tokens too.
 from __future__ import annotations
 
 from posttrain.data import collate_examples, read_rows, sft_examples
-from posttrain.evaluation import accuracy_probe
+from posttrain.evaluation import probe_from_config
 from posttrain.losses import masked_mean
-from posttrain.models import load_causal_lm, load_tokenizer, prepare_model, token_logps
+from posttrain.models import load_causal_lm, load_tokenizer, prepare_for_training, prepare_model, token_logps
 from posttrain.training import finish, fit, setup_run
 
 
@@ -43,13 +43,7 @@ def main(cfg) -> None:
     rows = read_rows(cfg.dataset_name)
     model_path = prepare_model(cfg.model_name_or_path, cfg, lambda: corpus_of(rows))
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path)
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    if cfg.use_peft:
-        from posttrain.models import apply_lora
-
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+    model = prepare_for_training(load_causal_lm(model_path), cfg)
 
     # 2. tokenise once; batches are collated on the fly with dynamic padding
     examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
@@ -58,9 +52,7 @@ def main(cfg) -> None:
     def make_batch(indices):
         return collate_examples([examples[i] for i in indices], tokenizer.pad_token_id, cfg.completion_only_loss)
 
-    evaluate = None
-    if cfg.eval_dataset_name:
-        evaluate = accuracy_probe(model, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, max_new_tokens=8)
+    evaluate = probe_from_config(cfg, model, tokenizer, max_new_tokens=8)
 
     # 3. train
     # the loss is a token mean, so accumulated micro-batches weigh by their response tokens
