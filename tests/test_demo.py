@@ -56,7 +56,7 @@ def test_each_stage_leaves_its_config_and_a_loadable_model(demo_dir):
     rm = AutoModelForSequenceClassification.from_pretrained(demo_dir / "rm", num_labels=1)
     assert rm.config.num_labels == 1
     assert (demo_dir / "ppo" / "critic" / "config.json").is_file()
-    assert (demo_dir / "ppo_shared" / "critic" / "value_head.pt").is_file()
+    assert (demo_dir / "ppo_shared" / "critic" / "value_head.safetensors").is_file()
 
 
 @pytest.mark.slow

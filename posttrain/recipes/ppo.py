@@ -22,6 +22,7 @@ fewer, and the value loss reaches the trunk scaled by vf_coef.
 from __future__ import annotations
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 
 from posttrain import checkpoint
@@ -189,4 +190,4 @@ def save_critic(cfg, critic, value_head, tokenizer) -> None:
         checkpoint.save_pretrained(critic, tokenizer, target)
     else:  # shared: the trunk is the actor's; only the head is the critic's own
         target.mkdir(parents=True, exist_ok=True)
-        torch.save(value_head.state_dict(), target / "value_head.pt")
+        save_model(value_head, str(target / "value_head.safetensors"))

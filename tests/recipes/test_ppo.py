@@ -96,9 +96,9 @@ def test_ppo_final_models_and_model_copies(learning_run, tiny_qwen):
         assert model.score.weight.abs().sum() > 0
         assert (out / "critic" / "tokenizer.json").is_file()
     else:
-        head = out / "critic" / "value_head.pt"
+        head = out / "critic" / "value_head.safetensors"
         assert head.is_file()
-        state = torch.load(head, weights_only=True)
+        state = load_file(head)
         assert set(state) == {"score.weight"}
         assert state["score.weight"].shape == (1, 32)
         assert state["score.weight"].abs().sum() > 0, "the value head was not trained"
@@ -268,7 +268,7 @@ def test_ppo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_data
     for key in full_actor:
         torch.testing.assert_close(resumed_actor[key], full_actor[key], rtol=1e-4, atol=1e-5)
     if critic == "shared":
-        heads = [torch.load(tmp_path / d / "critic" / "value_head.pt", weights_only=True) for d in ("full", "interrupted")]
+        heads = [load_file(tmp_path / d / "critic" / "value_head.safetensors") for d in ("full", "interrupted")]
     else:
         heads = [load_file(tmp_path / d / "critic" / "model.safetensors") for d in ("full", "interrupted")]
     for key in heads[0]:

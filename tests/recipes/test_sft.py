@@ -314,7 +314,7 @@ def test_sft_resume_continues_exactly(tmp_path, tiny_qwen, arith_data, monkeypat
 
     ckpt = dir_b / "checkpoint-4"
     names = {p.name for p in ckpt.iterdir()}
-    assert {"model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"} <= names, names
+    assert {"model.safetensors", "optimizer.pt", "scheduler.json", "rng-0.json", "trainer_state.json", "manifest.json"} <= names, names
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["epoch"] == 0 and state["micro"] == 4
     assert not list(dir_b.glob("checkpoint-*.tmp"))
@@ -350,7 +350,7 @@ def test_sft_resume_from_explicit_checkpoint_into_new_dir(tmp_path, tiny_qwen, a
 def test_sft_resume_from_non_checkpoint_folder_is_user_error(tmp_path, tiny_qwen, arith_data):
     not_a_checkpoint = tmp_path / "some_folder"
     not_a_checkpoint.mkdir()
-    (not_a_checkpoint / "model.pt").write_bytes(b"")
+    (not_a_checkpoint / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="some_folder"):
         run_sft(tmp_path / "out", tiny_qwen, arith_data["sft"], max_steps=2,
                 resume_from_checkpoint=not_a_checkpoint)
