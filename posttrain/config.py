@@ -75,6 +75,10 @@ class CommonConfig:
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_target_modules: str = "all-linear"
     """Comma-separated module names to adapt, or `all-linear`."""
+    fsdp: bool = False
+    """Under torchrun, shard weights, gradients and optimizer state with FSDP2 (per decoder layer) instead of DDP."""
+    chat_template_path: str = ""
+    """A Jinja chat template file to use instead of (or where there is no) the tokenizer's own."""
     num_threads: int = 0
     """torch CPU threads (0: leave torch's default)."""
     progress: bool = True
@@ -94,6 +98,12 @@ class TinyModelConfig:
 
 
 @dataclass
+class DropoutConfig:
+    disable_dropout: bool = True
+    """Switch the trained model's dropout off, so every log-prob (or score) of a sample is one deterministic function."""
+
+
+@dataclass
 class SFTConfig(TinyModelConfig, CommonConfig):
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""
@@ -106,7 +116,7 @@ class SFTConfig(TinyModelConfig, CommonConfig):
 
 
 @dataclass
-class DPOConfig(CommonConfig):
+class DPOConfig(DropoutConfig, CommonConfig):
     ref_model_name_or_path: str = ""
     """Frozen reference model; empty means the starting policy (model_name_or_path)."""
     beta: float = 0.1
@@ -115,8 +125,9 @@ class DPOConfig(CommonConfig):
     """sigmoid (DPO) | ipo (IPO) | hinge (SLiC)."""
     label_smoothing: float = 0.0
     """Assumed probability that a preference label is flipped (conservative DPO); sigmoid only."""
-    logps_normalization: str = "sum"
-    """sum: log π(y|x), the standard DPO. mean: per-token average, the length-normalised variant of background document 000."""
+    logps_normalization: str = ""
+    """sum: log π(y|x), the standard DPO. mean: per-token average (length-normalised).
+    Empty: mean for ipo (its target 1/(2β) assumes averaged log-ratios), sum otherwise."""
     precompute_ref_log_probs: bool = False
     """Score the whole dataset with the reference once before training, then release the reference model."""
     rpo_alpha: float = 0.0
@@ -124,7 +135,7 @@ class DPOConfig(CommonConfig):
 
 
 @dataclass
-class RMConfig(CommonConfig):
+class RMConfig(DropoutConfig, CommonConfig):
     learning_rate: float = 1e-4
     """Peak learning rate of AdamW."""
     center_rewards_coefficient: float = 0.0
@@ -155,6 +166,8 @@ class RolloutConfig:
     """Sampling temperature of rollouts."""
     top_k: int = 0
     """Sample from the top-k tokens only (0: all)."""
+    rollout_engine: str = "hf"
+    """What samples completions: `hf` (transformers generate with the KV cache), or `module:factory` of your own."""
     eval_dataset_name: str = ""
     """Optional prompt file with `answer` fields; greedy accuracy on it is logged at each logging step."""
     eval_max_rows: int = 256
@@ -162,7 +175,7 @@ class RolloutConfig:
 
 
 @dataclass
-class PPOConfig(RolloutConfig, RewardConfig, CommonConfig):
+class PPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     learning_rate: float = 3e-6
     """Peak learning rate of AdamW (actor and critic)."""
     critic_learning_rate: float = 0.0
@@ -206,7 +219,7 @@ class PPOConfig(RolloutConfig, RewardConfig, CommonConfig):
 
 
 @dataclass
-class GRPOConfig(RolloutConfig, RewardConfig, CommonConfig):
+class GRPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     learning_rate: float = 1e-6
     """Peak learning rate of AdamW."""
     ref_model_name_or_path: str = ""
@@ -215,6 +228,9 @@ class GRPOConfig(RolloutConfig, RewardConfig, CommonConfig):
     """Completions sampled per prompt (the group size G)."""
     beta: float = 0.04
     """Weight of the k3 KL term to the reference (0: no reference model is loaded)."""
+    use_bias_correction_kl: bool = False
+    """Weight k3 by the ratio π/π_old: the same KL value, but the unbiased gradient of KL(π||π_ref)
+    (DeepSeek-V3.2). False: differentiate k3 as in the GRPO paper."""
     loss_type: str = "grpo"
     """grpo | bnpo | dr_grpo | dapo: how per-token losses are averaged (see docs/papers.md)."""
     scale_rewards: str = "group"
@@ -337,7 +353,9 @@ _LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("grpo", "bnpo", "dr_
 
 
 def validate(stage: str, cfg) -> None:
-    """Reject impossible values up front with the field's name."""
+    """Reject impossible values up front with the field's name; fill in defaults that depend on others."""
+    if stage == "dpo" and not cfg.logps_normalization:
+        cfg.logps_normalization = "mean" if cfg.loss_type == "ipo" else "sum"
     for name, valid in _CHOICES.items():
         if hasattr(cfg, name) and getattr(cfg, name) not in valid:
             raise UserError(f"field {name!r}: {getattr(cfg, name)!r} is not one of {', '.join(valid)}")
@@ -355,6 +373,14 @@ def validate(stage: str, cfg) -> None:
         sources = len(cfg.reward_funcs) + bool(cfg.reward_model_name_or_path)
         if len(cfg.reward_weights) != sources:
             raise UserError(f"field 'reward_weights' has {len(cfg.reward_weights)} values for {sources} reward sources")
+    if stage == "ppo":
+        if cfg.num_mini_batches < 1 or cfg.per_device_train_batch_size % cfg.num_mini_batches:
+            raise UserError(f"field 'num_mini_batches': {cfg.num_mini_batches} must be >= 1 and divide "
+                            f"per_device_train_batch_size ({cfg.per_device_train_batch_size})")
+        mini = cfg.per_device_train_batch_size // cfg.num_mini_batches
+        if mini % cfg.gradient_accumulation_steps:
+            raise UserError(f"field 'gradient_accumulation_steps': {cfg.gradient_accumulation_steps} must divide the "
+                            f"mini-batch of {mini} rollouts (per_device_train_batch_size / num_mini_batches)")
     if stage == "dpo" and cfg.beta <= 0:
         raise UserError("field 'beta' must be > 0 for DPO")
 

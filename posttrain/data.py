@@ -9,13 +9,19 @@ Formats (DESIGN.md §3), one JSON object per row, from .jsonl, .json or .parquet
 
 A bare string prompt is used as is (it may already carry a chat template); a
 completion string gets the EOS token appended. Messages go through the
-tokenizer's chat template, and loss / log-probs cover assistant turns only.
+tokenizer's chat template, and loss / log-probs cover assistant turns only. A
+template that rewrites earlier turns as the chat grows (Qwen3 drops the
+``<think>`` blocks of earlier assistant turns) cannot be split turn by turn:
+such conversations train on their final assistant turn only, with a warning.
 
 Truncation policy: a prompt longer than ``max_prompt_length`` keeps its *last*
 tokens (those next to the response); then the completion keeps its *first*
 ``max_length - len(prompt)`` tokens. If that leaves fewer than
 ``max_length // 4`` completion tokens, the prompt is cut further from the left
-so every row still trains on a response.
+so every row still trains on a response. A preference pair is truncated once,
+with that minimum computed from the longer of chosen and rejected, so both
+sides condition on exactly the same prompt tokens; each response then keeps
+its first ``max_length - len(prompt)`` tokens.
 
 Every bad row raises UserError naming file:line and the problem.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -164,9 +171,28 @@ def encode_response(tokenizer, prompt, response) -> list[int]:
     return _ids(tokenizer, full[len(prefix):])
 
 
-def encode_conversation(tokenizer, messages: list[dict]) -> Example:
-    """A multi-turn chat: prompt = everything before the first assistant turn;
-    the rest is the response, with weight 1 only on assistant turns."""
+class TemplateMismatch(UserError):
+    """The chat template's renders do not extend each other, so a row cannot be split into
+    prompt and response. Raised without a row; callers re-raise it naming file:line."""
+
+
+def encode_conversation(tokenizer, messages: list[dict]) -> tuple[Example, bool]:
+    """A multi-turn chat as (example, final_turn_only).
+
+    Normally prompt = everything before the first assistant turn and the rest is the
+    response, with weight 1 only on assistant turns. If the template rewrites earlier
+    turns as the chat grows, that split would cut turns apart, so only the final
+    assistant turn is trained (final_turn_only is True).
+    """
+    example = encode_turns(tokenizer, messages)
+    if example is not None:
+        return example, False
+    return encode_final_turn(tokenizer, messages), True
+
+
+def encode_turns(tokenizer, messages: list[dict]) -> Example | None:
+    """Turn by turn, each weighted by whether it is an assistant turn; None when a render
+    does not extend the previous one (the template rewrote an earlier turn)."""
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     prompt_ids = encode_prompt(tokenizer, messages[:first])
     completion, weights = [], []
@@ -174,6 +200,8 @@ def encode_conversation(tokenizer, messages: list[dict]) -> Example:
     for i in range(first, len(messages)):
         before = _template(tokenizer, messages[:i], add_generation_prompt=messages[i]["role"] == "assistant")
         after = _template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            return None
         segment = before[len(done):] + after[len(before):]
         ids = _ids(tokenizer, segment)
         head = len(_ids(tokenizer, before[len(done):]))  # the generation prompt itself is not trained
@@ -183,30 +211,75 @@ def encode_conversation(tokenizer, messages: list[dict]) -> Example:
     return Example(prompt_ids, completion, weights)
 
 
-def truncate(example: Example, max_length: int, max_prompt_length: int) -> Example:
-    """Apply the truncation policy of the module docstring."""
-    prompt = example.prompt_ids[-max_prompt_length:] if max_prompt_length else example.prompt_ids
-    min_completion = min(len(example.completion_ids), max(1, max_length // 4))
+def encode_final_turn(tokenizer, messages: list[dict]) -> Example:
+    """Prompt = the chat up to the last assistant turn (with the generation prompt), response
+    = that turn as the full render continues it, all trained. Turns after it train nothing,
+    so they are left out. Raises TemplateMismatch if the full render does not extend the prompt."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = _template(tokenizer, messages[:last], add_generation_prompt=True)
+    full = _template(tokenizer, messages[: last + 1], add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise TemplateMismatch("the chat template does not extend the conversation before the last assistant "
+                               "turn when that turn is added, so the turn cannot be split off to train on")
+    return Example(_ids(tokenizer, prompt), _ids(tokenizer, full[len(prompt):]))
+
+
+def truncated_prompt(prompt_ids: list[int], longest_completion: int, max_length: int,
+                     max_prompt_length: int) -> list[int]:
+    """The prompt's last tokens under the module docstring's policy: at most max_prompt_length,
+    and few enough to leave min(longest_completion, max(1, max_length // 4)) for the response."""
+    prompt = prompt_ids[-max_prompt_length:] if max_prompt_length else prompt_ids
+    min_completion = min(longest_completion, max(1, max_length // 4))
     if len(prompt) + min_completion > max_length:
         prompt = prompt[len(prompt) + min_completion - max_length:]
+    return prompt
+
+
+def truncate(example: Example, max_length: int, max_prompt_length: int) -> Example:
+    """Apply the truncation policy of the module docstring."""
+    prompt = truncated_prompt(example.prompt_ids, len(example.completion_ids), max_length, max_prompt_length)
     budget = max_length - len(prompt)
     weights = example.completion_weights[:budget] if example.completion_weights else None
     return Example(prompt, example.completion_ids[:budget], weights)
 
 
+def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int,
+                  max_prompt_length: int) -> tuple[Example, Example]:
+    """Truncate a preference pair once, so chosen and rejected keep the same prompt tokens:
+    the prompt's cut leaves room for the longer response, each response keeps its first tokens."""
+    longest = max(len(chosen_ids), len(rejected_ids))
+    prompt = truncated_prompt(prompt_ids, longest, max_length, max_prompt_length)
+    budget = max_length - len(prompt)
+    return Example(prompt, chosen_ids[:budget]), Example(prompt, rejected_ids[:budget])
+
+
+def messages_example(row: Row, tokenizer) -> tuple[Example, bool]:
+    """A {"messages": [...]} row checked and encoded: (example, final_turn_only)."""
+    messages = row.data["messages"]
+    if not isinstance(messages, list):
+        raise UserError(f"{row.source}: field 'messages' must be a non-empty list of messages")
+    _check_text_or_messages(row, "messages", messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{row.source}: field 'messages' has no assistant turn to train on")
+    if messages[0]["role"] == "assistant":
+        raise UserError(f"{row.source}: field 'messages' needs a turn before the first assistant turn")
+    try:
+        return encode_conversation(tokenizer, messages)
+    except TemplateMismatch as err:
+        raise UserError(f"{row.source}: {err}") from None
+
+
 def sft_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int) -> list[Example]:
     out = []
+    warned = False  # the final-turn fallback is announced once per dataset, not per row
     for row in rows:
         if "messages" in row.data:
-            messages = row.data["messages"]
-            if not isinstance(messages, list):
-                raise UserError(f"{row.source}: field 'messages' must be a non-empty list of messages")
-            _check_text_or_messages(row, "messages", messages)
-            if not any(m["role"] == "assistant" for m in messages):
-                raise UserError(f"{row.source}: field 'messages' has no assistant turn to train on")
-            if messages[0]["role"] == "assistant":
-                raise UserError(f"{row.source}: field 'messages' needs a turn before the first assistant turn")
-            example = encode_conversation(tokenizer, messages)
+            example, final_turn_only = messages_example(row, tokenizer)
+            if final_turn_only and not warned:
+                print(f"warning: {row.source}: the chat template rewrites earlier turns as the conversation grows "
+                      "(e.g. drops their <think> blocks), so multi-turn rows of this dataset train only on "
+                      "their final assistant turn", file=sys.stderr)
+                warned = True
         elif "prompt" in row.data or "completion" in row.data:
             prompt, completion = _need(row, "prompt"), _need(row, "completion")
             _check_text_or_messages(row, "prompt", prompt)
@@ -259,9 +332,10 @@ def preference_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_
         if not isinstance(margin, (int, float)) or isinstance(margin, bool):
             raise UserError(f"{row.source}: field 'margin' must be a number, got {margin!r}")
         prompt_ids = encode_prompt(tokenizer, prompt)
-        pair = [truncate(Example(prompt_ids, encode_response(tokenizer, prompt, response)), max_length, max_prompt_length)
-                for response in (chosen, rejected)]
-        out.append(PreferenceExample(pair[0], pair[1], float(margin)))
+        chosen_ex, rejected_ex = truncate_pair(prompt_ids, encode_response(tokenizer, prompt, chosen),
+                                               encode_response(tokenizer, prompt, rejected), max_length,
+                                               max_prompt_length)
+        out.append(PreferenceExample(chosen_ex, rejected_ex, float(margin)))
     return out
 
 
@@ -270,6 +344,7 @@ class PromptExample:
     prompt_ids: list[int]
     prompt_text: str  # what reward functions see as the prompt
     extra: dict  # the row's other fields, passed to reward functions
+    prompt: str | list[dict]  # the raw prompt (text or messages): reward models re-render from it
 
 
 def prompt_examples(rows: list[Row], tokenizer, max_prompt_length: int) -> list[PromptExample]:
@@ -281,7 +356,7 @@ def prompt_examples(rows: list[Row], tokenizer, max_prompt_length: int) -> list[
             raise UserError(f"{row.source}: field 'prompt' is an empty string")
         ids = encode_prompt(tokenizer, prompt)[-max_prompt_length:]
         text = prompt if isinstance(prompt, str) else _template(tokenizer, prompt, add_generation_prompt=True)
-        out.append(PromptExample(ids, text, {k: v for k, v in row.data.items() if k != "prompt"}))
+        out.append(PromptExample(ids, text, {k: v for k, v in row.data.items() if k != "prompt"}, prompt))
     return out
 
 
@@ -334,12 +409,13 @@ class TokenBatch:
 
 
 def collate_examples(examples: list[Example], pad_id: int, completion_only: bool = True) -> TokenBatch:
+    """Right-padded batch. completion_only: loss on the (weighted) response tokens only;
+    otherwise on every real token, every turn of a conversation included (as in TRL)."""
     seqs = [e.prompt_ids + e.completion_ids for e in examples]
-    loss = []
-    for e in examples:
-        weights = e.completion_weights or [1] * len(e.completion_ids)
-        prompt_weight = 0 if completion_only else 1
-        loss.append([prompt_weight] * len(e.prompt_ids) + weights)
+    if completion_only:
+        loss = [[0] * len(e.prompt_ids) + (e.completion_weights or [1] * len(e.completion_ids)) for e in examples]
+    else:
+        loss = [[1] * len(s) for s in seqs]
     input_ids = _pad(seqs, pad_id)
     attention_mask = _pad([[1] * len(s) for s in seqs], 0)
     loss_mask = _pad(loss, 0)[:, 1:]

@@ -8,6 +8,7 @@ sequence (k1, unbiased), measured on the same held-out prompts for every stage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
@@ -36,18 +37,35 @@ def evaluate(model, tokenizer, examples, rewards: RewardSources, ref_model=None,
     A completion is correct when its ``exact_match`` reward is 1 (for other
     tasks: when the first reward source is positive).
     """
-    rng_state = torch.get_rng_state()
-    torch.manual_seed(seed)
+    with _own_rng(seed):
+        return _evaluate(model, tokenizer, examples, rewards, ref_model, max_new_tokens, batch_size, num_samples_kept)
+
+
+@contextlib.contextmanager
+def _own_rng(seed: int):
+    """Reseed for a repeatable evaluation, then put every RNG (CPU and each CUDA device) back.
+
+    The training run around it continues exactly as if it had not evaluated:
+    what makes a resumed run equal an uninterrupted one.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _evaluate(model, tokenizer, examples, rewards, ref_model, max_new_tokens, batch_size, num_samples_kept) -> dict:
     totals = {"accuracy": 0.0, "greedy_accuracy": 0.0, "reward_mean": 0.0, "kl_to_ref": 0.0}
     samples = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         ids = [e.prompt_ids for e in chunk]
         prompts, extras = [e.prompt_text for e in chunk], [e.extra for e in chunk]
+        raw_prompts = [e.prompt for e in chunk]
         sampled = generate(model, tokenizer, ids, max_new_tokens, temperature=1.0)
         greedy = generate(model, tokenizer, ids, max_new_tokens, greedy=True)
-        reward, parts = rewards.score(prompts, sampled.completions, extras, (sampled.input_ids, sampled.attention_mask))
-        _, greedy_parts = rewards.score(prompts, greedy.completions, extras, (greedy.input_ids, greedy.attention_mask))
+        reward, parts = rewards.score(prompts, sampled.completions, extras, raw_prompts=raw_prompts)
+        _, greedy_parts = rewards.score(prompts, greedy.completions, extras, raw_prompts=raw_prompts)
         totals["accuracy"] += float(_correct(parts).sum())
         totals["greedy_accuracy"] += float(_correct(greedy_parts).sum())
         totals["reward_mean"] += float(reward.sum())
@@ -57,7 +75,6 @@ def evaluate(model, tokenizer, examples, rewards: RewardSources, ref_model=None,
             if len(samples) < num_samples_kept:
                 samples.append({"prompt": prompts[i], "answer": extras[i].get("answer"),
                                 "sampled": sampled.completions[i], "greedy": greedy.completions[i]})
-    torch.set_rng_state(rng_state)
     n = len(examples)
     result = {k: round(v / n, 4) for k, v in totals.items()}
     if ref_model is None:

@@ -26,6 +26,7 @@ __all__ = [
     "dpo_loss",
     "reward_model_loss",
     "kl_penalty",
+    "bias_corrected_kl",
     "gae",
     "whiten",
     "ppo_policy_loss",
@@ -85,8 +86,8 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, normalization:
     """Log-probability of each response: sum of token log-probs, or their mean.
 
     "sum" is log π(y|x) as in DPO (arXiv 2305.18290, Eq. 7). "mean" divides by
-    the response length — the length-normalised variant of SimPO
-    (arXiv 2405.14734, Eq. 4) and of background document 000.
+    the response length — the length-normalised form of SimPO
+    (arXiv 2405.14734, Eq. 4), and the one IPO's target 1/(2β) assumes.
 
     Shape: token_logps (B, T), mask (B, T) -> (B,).
     """
@@ -154,7 +155,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     Schulman, "Approximating KL Divergence" (2020): with log r = rlp - lp,
     k1 = -log r (unbiased, high variance, can be negative), k2 = ½(log r)²
     (biased, low variance), k3 = (r - 1) - log r (unbiased, always >= 0; used by
-    GRPO, arXiv 2402.03300 Eq. 4).
+    GRPO, arXiv 2402.03300 Eq. 4). "Unbiased" is about the value: as a loss,
+    the gradient of k3 is biased, and that of k2 is the unbiased one of the
+    KL (see ``bias_corrected_kl``).
 
     Shape: logprobs (B, T), ref_logprobs (B, T) -> (B, T).
     """
@@ -165,6 +168,22 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     if kind == "k2":
         return 0.5 * log_ratio**2
     return torch.exp(log_ratio) - log_ratio - 1
+
+
+def bias_corrected_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 weighted by the importance ratio π/π_old: the same value, the unbiased gradient.
+
+    Differentiating k3 itself (GRPO, arXiv 2402.03300 Eq. 4) gives
+    (1 - π_ref/π)·∇log π, whose expectation is not ∇KL(π || π_ref): k3 is
+    unbiased as a value, not as a gradient. Multiplying by
+    ρ = exp(log π - log π_old) — 1 in value when π_old is π detached — adds
+    k3·∇log π, and the sum is (log π - log π_ref)·∇log π, the gradient of k2
+    and the unbiased one of the KL (the DeepSeek-V3.2 report, 2025; TRL's
+    `use_bias_correction_kl`).
+
+    Shape: logprobs, ref_logprobs, old_logprobs (B, T) -> (B, T).
+    """
+    return kl_penalty(logprobs, ref_logprobs, "k3") * torch.exp(logprobs - old_logprobs)
 
 
 def gae(

@@ -107,12 +107,20 @@ def _check_dir(path: str, field: str) -> None:
 
 
 def load_tokenizer(path: str, field: str = "model_name_or_path"):
+    """AutoTokenizer of a local folder, with a pad token chosen when it has none.
+
+    The pad is a distinct existing special token where one exists (unk, else a
+    bos that is not the eos), and eos only as a last resort: transformers'
+    sequence-classification head pools at the last token that is not the pad
+    id, so a pad equal to eos would hide each row's final EOS from it.
+    """
     from transformers import AutoTokenizer
 
     _check_dir(path, field)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        spare = [t for t in (tokenizer.unk_token, tokenizer.bos_token) if t is not None and t != tokenizer.eos_token]
+        tokenizer.pad_token = (spare or [tokenizer.eos_token])[0]
     return tokenizer
 
 
@@ -155,6 +163,24 @@ def _was_trained_as_scalar(path: str) -> bool:
     return any("SequenceClassification" in a for a in config.get("architectures") or [])
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Switch every dropout off while keeping train mode (which gradient checkpointing needs).
+
+    Log-probs of a rollout, of a DPO pair and of the reference must come from
+    the same deterministic function, or the PPO ratio is not 1 before any
+    update and the KL at initialisation is not 0. nn.Dropout layers get p = 0;
+    attention modules keep their rate in a float attribute (`attention_dropout`
+    in Llama/Qwen2/Mistral), set to 0 too. The saved config is left as it was.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
@@ -186,7 +212,10 @@ def load_policy_and_reference(cfg, need_reference: bool = True):
     separate reference is named: then the base with adapters off serves.
     """
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    policy = prepare_for_training(load_causal_lm(cfg.model_name_or_path), cfg)
+    policy = load_causal_lm(cfg.model_name_or_path)
+    if cfg.disable_dropout:
+        disable_dropout(policy)
+    policy = prepare_for_training(policy, cfg)
     ref = None
     if need_reference and (cfg.ref_model_name_or_path or not cfg.use_peft):
         ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, "ref_model_name_or_path",
@@ -210,21 +239,35 @@ def reference_mode(policy, ref_model):
         raise ValueError("no reference model and the policy has no adapters to disable")
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as `generate` derives them: (B, L).
+
+    Left-padded rows then score exactly like unpadded ones, also for models with
+    absolute position embeddings (GPT-2 style); right padding leaves 0..L-1 as is.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
-                return_entropy: bool = False, return_hidden: bool = False, entropy_grad: bool = False):
-    """Log-probability of each next token under ``model``.
+                return_entropy: bool = False, return_hidden: bool = False, entropy_grad: bool = False,
+                temperature: float = 1.0):
+    """Log-probability of each next token under ``model``, at sampling temperature ``temperature``.
 
     Returns (B, L-1) where position t scores input_ids[:, t+1]; with
     ``logits_to_keep = K`` only the last K positions are scored (B, K), which
     skips the prompt's logits entirely when completions sit at the right end.
-    ``return_entropy`` adds the (B, K) entropy (detached unless ``entropy_grad``);
-    ``return_hidden`` adds the last hidden states (B, L, H) for a value head
-    on the same trunk.
+    Logits are divided by ``temperature`` before the log-softmax, so RL scores
+    the very distribution softmax(z/T) its rollouts were sampled from.
+    ``return_entropy`` adds the (B, K) entropy of that distribution (detached
+    unless ``entropy_grad``); ``return_hidden`` adds the last hidden states
+    (B, L, H) for a value head on the same trunk.
     """
     keep = {"logits_to_keep": logits_to_keep + 1} if logits_to_keep else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                output_hidden_states=return_hidden, **keep)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False, output_hidden_states=return_hidden, **keep)
     logits = out.logits[:, :-1]  # (B, K, V): the last position predicts beyond the input
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = input_ids[:, 1:] if not logits_to_keep else input_ids[:, -logits_to_keep:]
     result = [selective_log_softmax(logits, targets)]
     if return_entropy:
@@ -246,7 +289,8 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     transformers forward pools to one position, a critic needs them all).
     """
     trunk = model.base_model
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                   use_cache=False).last_hidden_state
     return scalar_head(model)(hidden).squeeze(-1).float()
 
 

@@ -5,8 +5,11 @@ list[float]``, where ``fields`` are the prompt rows' extra columns as lists
 (e.g. ``answer``). Built-ins: ``exact_match`` (the arith task's verifiable
 reward) and ``think_format`` (background document 000's reasoning-format
 bonus). ``module:function`` names one of your own. A reward model folder scores
-prompt + completion with its scalar head. Sources are weighted, summed and
-clipped to ``[-reward_clip, reward_clip]`` (background document 000 clips at 3).
+prompt + completion with its scalar head, re-rendered from the raw prompt and
+the completion text with its own tokenizer exactly as RM training renders a
+row, so the score is read at the token it was trained on. Sources are weighted,
+summed and clipped to ``[-reward_clip, reward_clip]`` (background document 000
+clips at 3).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from posttrain.data import Example, collate_examples, encode_prompt, encode_response
 from posttrain.errors import UserError
 from posttrain.tasks.arith import exact_match
 
@@ -56,6 +61,7 @@ class RewardSource:
     weight: float
     func: Callable | None = None  # rule reward
     model: torch.nn.Module | None = None  # reward model (AutoModelForSequenceClassification)
+    tokenizer: object | None = None  # the reward model's own tokenizer (the one it was trained with)
 
 
 class RewardError(UserError):
@@ -89,6 +95,26 @@ def _first_failing_row(source, prompts, completions, extras) -> str:
     return ""
 
 
+def rendered_sequences(tokenizer, raw_prompts: list[str | list[dict]],
+                       completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask) (B, L) of each prompt + completion, rendered as in RM training.
+
+    The same data path as an RM training row (encode_prompt + encode_response,
+    collated by collate_examples): a chat prompt's completion becomes its
+    templated assistant turn (ending ``<|im_end|>\n`` in ChatML), a text
+    prompt's completion gets EOS. Sampled ids would end at the EOS instead,
+    one token away from where the reward model learned to put its score.
+    """
+    examples = [Example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, prompt, completion))
+                for prompt, completion in zip(raw_prompts, completions)]
+    batch = collate_examples(examples, tokenizer.pad_token_id)
+    return batch.input_ids, batch.attention_mask
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
 class RewardSources:
     """All reward sources of a run; ``score`` gives the weighted, clipped total and each part."""
 
@@ -97,14 +123,16 @@ class RewardSources:
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> RewardSources:
-        from posttrain.models import load_scalar_model
+        from posttrain.models import load_scalar_model, load_tokenizer
 
         names = list(cfg.reward_funcs)
         weights = list(cfg.reward_weights) or [1.0] * (len(names) + bool(cfg.reward_model_name_or_path))
         sources = [RewardSource(n, float(w), func=resolve_reward_func(n)) for n, w in zip(names, weights)]
         if cfg.reward_model_name_or_path:
-            model = load_scalar_model(cfg.reward_model_name_or_path, "reward_model_name_or_path", trainable=False)
-            sources.append(RewardSource("reward_model", float(weights[len(names)]), model=model))
+            path, field = cfg.reward_model_name_or_path, "reward_model_name_or_path"
+            model = load_scalar_model(path, field, trainable=False)
+            rm_tokenizer = load_tokenizer(path, field) if _has_tokenizer(path) else tokenizer
+            sources.append(RewardSource("reward_model", float(weights[len(names)]), model=model, tokenizer=rm_tokenizer))
         if not sources:
             raise UserError("no reward source: set reward_funcs or reward_model_name_or_path")
         return cls(sources, cfg.reward_clip, tokenizer)
@@ -115,25 +143,34 @@ class RewardSources:
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], extras: list[dict],
-              sequences: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              raw_prompts: list[str | list[dict]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B,) total reward and {"rewards/<name>": (B,)} per source.
 
-        ``sequences`` = (input_ids, attention_mask) of prompt + completion,
-        scored by reward models. The tokenizer must be shared with the reward
-        model (the same tokenizer family), as in every RLHF pipeline here.
+        ``prompts`` are the texts rule rewards see; ``raw_prompts`` are the
+        rows' own prompts (a string or a list of messages, ``PromptExample.prompt``),
+        which reward models need to re-render each row as RM training did.
         """
-        from posttrain.models import sequence_scores
-
         parts = {}
         total = torch.zeros(len(completions))
         for source in self.sources:
             if source.func is not None:
                 values = torch.tensor(call_reward_func(source, prompts, completions, extras))
             else:
-                ids, mask = sequences
-                values = sequence_scores(source.model, ids, mask).float().cpu()
+                values = self.model_scores(source, raw_prompts, completions)
             parts[f"rewards/{source.name}"] = values
             total += source.weight * values
         if self.clip > 0:
             total = total.clamp(-self.clip, self.clip)
         return total, parts
+
+    def model_scores(self, source: RewardSource, raw_prompts: list[str | list[dict]] | None,
+                     completions: list[str]) -> torch.Tensor:
+        """(B,) scores of one reward model on the rendered rows, read at each row's last real token."""
+        from posttrain.models import sequence_scores
+
+        if raw_prompts is None or len(raw_prompts) != len(completions):
+            raise ValueError(f"reward source {source.name!r} is a reward model: score() needs raw_prompts, "
+                             "one raw prompt (a string or a list of messages) per completion")
+        ids, mask = rendered_sequences(source.tokenizer or self.tokenizer, raw_prompts, completions)
+        device = source.model.device
+        return sequence_scores(source.model, ids.to(device), mask.to(device)).float().cpu()

@@ -7,6 +7,7 @@ from the last ``T`` logits only (``logits_to_keep``), never the prompt's.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -23,6 +24,7 @@ class Generation:
     completion_mask: torch.Tensor  # (B, T) 1 on completion tokens up to and including EOS
     truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
     completions: list[str]  # (B,) decoded completions, special tokens removed
+    sampling_logps: torch.Tensor | None = None  # (B, T) log-prob of each sampled token as `generate` drew it (on request)
 
     @property
     def completion_ids(self) -> torch.Tensor:  # (B, T)
@@ -44,35 +46,84 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> tuple
     return (~after_first_eos).long(), truncated
 
 
+def sampling_config(max_new_tokens: int, temperature: float, greedy: bool, top_k: int, num_return_sequences: int,
+                    pad_id: int, eos_id: int):
+    """A GenerationConfig built from our own fields only.
+
+    Nothing comes from the checkpoint's generation_config.json: a
+    `repetition_penalty`, `no_repeat_ngram_size`, `min_new_tokens`, `min_p`,
+    ... there would change the sampled distribution away from the one RL
+    scores (softmax(z / temperature)). Every processor is set to its neutral
+    value explicitly, so none is filled in from the model's defaults either.
+    """
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
+                                                     "top_k": top_k, "top_p": 1.0}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, num_return_sequences=num_return_sequences,
+        pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None, use_cache=True, num_beams=1,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, min_p=None,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+        forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None, renormalize_logits=False,
+        exponential_decay_length_penalty=None, **sampling)
+
+
+@contextlib.contextmanager
+def _clean_generation_defaults(model, config):
+    """Swap the model's own generation defaults for ``config`` while it generates.
+
+    transformers fills every field left unset in the config passed to
+    `generate` from `model.generation_config`; with the model's defaults
+    replaced by our own config there is nothing left to leak.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = config
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             greedy: bool = False, num_return_sequences: int = 1, top_k: int = 0) -> Generation:
+             greedy: bool = False, num_return_sequences: int = 1, top_k: int = 0,
+             return_sampling_logps: bool = False) -> Generation:
     """Sample completions for a batch of prompts in one `generate` call (KV cache on).
 
     With ``num_return_sequences = G`` the G completions of a prompt are
-    consecutive rows, the layout `group_advantages` expects.
+    consecutive rows, the layout `group_advantages` expects. Sampling is
+    from softmax(z / temperature) (and top-k when set) and nothing else.
+    ``return_sampling_logps`` also keeps the log-probability of each sampled
+    token under the distribution `generate` actually drew it from.
     """
     was_training = model.training
     model.eval()
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     ids, mask = left_pad(prompt_ids, pad_id)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": 1.0}
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, use_cache=True,
-                         num_return_sequences=num_return_sequences, pad_token_id=pad_id, eos_token_id=eos_id,
-                         **sampling)
+    config = sampling_config(max_new_tokens, temperature, greedy, top_k, num_return_sequences, pad_id, eos_id)
+    with _clean_generation_defaults(model, config):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             return_dict_in_generate=True, output_scores=return_sampling_logps)
     if was_training:
         model.train()
-    completion_ids = out[:, ids.shape[1]:]
+    sequences = out.sequences
+    completion_ids = sequences[:, ids.shape[1]:]
     if completion_ids.shape[1] == 0:  # every prompt already at the limit: one pad column keeps shapes valid
-        completion_ids = torch.full((out.shape[0], 1), eos_id, device=out.device)
-        out = torch.cat([out, completion_ids], 1)
+        completion_ids = torch.full((sequences.shape[0], 1), eos_id, device=sequences.device)
+        sequences = torch.cat([sequences, completion_ids], 1)
     completion_mask, truncated = completion_mask_from_ids(completion_ids, eos_id)
     prompt_mask = mask.repeat_interleave(num_return_sequences, dim=0)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id * (1 - completion_mask),
                                    skip_special_tokens=True)
-    return Generation(out, attention_mask, completion_mask.float(), truncated, texts)
+    sampling_logps = None
+    if return_sampling_logps and out.scores:
+        scores = torch.stack(out.scores, dim=1).float()  # (B, T, V) the processed logits sampled from
+        sampling_logps = scores.log_softmax(-1).gather(-1, completion_ids[:, :scores.shape[1]].unsqueeze(-1)).squeeze(-1)
+    return Generation(sequences, attention_mask, completion_mask.float(), truncated, texts, sampling_logps)
 
 
 @dataclass

@@ -36,10 +36,16 @@ def setup_run(cfg) -> None:
 
 
 def total_steps(cfg, micro_batches_per_epoch: int) -> int:
-    """Optimizer steps of the run: max_steps, else epochs x micro-batches / accumulation."""
+    """Optimizer steps of the run: max_steps, else epochs x ceil(micro-batches / accumulation).
+
+    An epoch ends with a shorter accumulation when accumulation does not
+    divide its micro-batches, so it takes ceil(...) steps (as the HF Trainer
+    counts them); every micro-batch of every epoch is used.
+    """
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_train_epochs * micro_batches_per_epoch / cfg.gradient_accumulation_steps))
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation_steps)
+    return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
 
 def autocast(enabled: bool):

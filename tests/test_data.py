@@ -191,6 +191,79 @@ def test_sft_completion_only_false_trains_prompt_too(tok, tmp_path):
     assert loss_segments(tok, batch, 0) == ["2+34=46" + IM_END]  # every token after the first
 
 
+# Qwen3-like: an assistant turn that is not the last message loses its <think>...</think> block
+THINK_DROPPING_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- if message['role'] == 'assistant' and not loop.last and '</think>' in content -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+# Qwen3 with thinking off: the generation prompt opens an empty think block the turns never render
+EMPTY_THINK_PROMPT_TEMPLATE = THINK_DROPPING_TEMPLATE.replace(
+    "'<|im_start|>assistant\\n' -}}{%- endif", "'<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -}}{%- endif")
+THINKING_CHAT = [
+    {"role": "user", "content": "12+34="},
+    {"role": "assistant", "content": "<think>\nadd\n</think>\n\n46"},
+    {"role": "user", "content": "and 57+68?"},
+    {"role": "assistant", "content": "<think>\nadd again\n</think>\n\n125"},
+]
+
+
+def templated_tok(tiny_qwen, template: str):
+    """A fresh copy of the tiny tokenizer with another chat template."""
+    copy = load_tokenizer(str(tiny_qwen))
+    copy.chat_template = template
+    return copy
+
+
+def test_sft_template_that_drops_earlier_think_blocks_trains_the_final_turn(tiny_qwen, tmp_path, capsys):
+    tok = templated_tok(tiny_qwen, THINK_DROPPING_TEMPLATE)
+    full = tok.apply_chat_template(THINKING_CHAT, tokenize=False)
+    assert "<think>\nadd\n</think>" not in full  # the template really rewrites the earlier turn
+    rows = [{"messages": THINKING_CHAT}, {"messages": THINKING_CHAT[:2] + [{"role": "user", "content": "1+2="},
+                                                                          {"role": "assistant", "content": "3"}]}]
+    first, second = sft(tok, rows, tmp_path)
+    assert first.prompt_ids + first.completion_ids == ids(tok, full)
+    batch = D.collate_examples([first, second], tok.pad_token_id)
+    assert "".join(loss_segments(tok, batch, 0)).removesuffix("\n") == THINKING_CHAT[3]["content"] + IM_END
+    assert "".join(loss_segments(tok, batch, 1)).removesuffix("\n") == "3" + IM_END
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "sft.jsonl:1" in warnings[0] and "final assistant turn" in warnings[0]
+
+
+def test_sft_chatml_multi_turn_is_split_turn_by_turn_without_warning(tok, tmp_path, capsys):
+    [ex] = sft(tok, [{"messages": THINKING_CHAT}], tmp_path)
+    assert tok.decode(ex.prompt_ids) == chatml(("user", "12+34="), generation_prompt=True)
+    batch = D.collate_examples([ex], tok.pad_token_id)
+    assert [s.removesuffix("\n") for s in loss_segments(tok, batch, 0)] == [
+        THINKING_CHAT[1]["content"] + IM_END, THINKING_CHAT[3]["content"] + IM_END]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_sft_template_that_cannot_split_off_the_final_turn_names_the_row(tiny_qwen, tmp_path):
+    tok = templated_tok(tiny_qwen, EMPTY_THINK_PROMPT_TEMPLATE)
+    path = write_jsonl(tmp_path / "file.jsonl", [GOOD["sft"], {"messages": THINKING_CHAT}])
+    with pytest.raises(UserError, match=r"file\.jsonl:2: .*chat template") as info:
+        _load("sft", path, tok)
+    assert "\n" not in str(info.value)
+
+
+def test_completion_only_false_trains_every_turn_of_a_conversation(tok, tmp_path):
+    messages = [{"role": "user", "content": "12+34="}, {"role": "assistant", "content": "46"},
+                {"role": "user", "content": "and 57+68?"}, {"role": "assistant", "content": "125"}]
+    examples = sft(tok, [{"messages": messages}, {"prompt": "1+2=", "completion": "3"}], tmp_path)
+    every = D.collate_examples(examples, tok.pad_token_id, completion_only=False)
+    assert every.loss_mask.tolist() == every.attention_mask[:, 1:].float().tolist()  # every real token after the first
+    full = tok.apply_chat_template(messages, tokenize=False)
+    assert "".join(loss_segments(tok, every, 0)) == full.removeprefix(IM_START)  # both user turns too
+    only = D.collate_examples(examples, tok.pad_token_id, completion_only=True)
+    assert [s.removesuffix("\n") for s in loss_segments(tok, only, 0)] == ["46" + IM_END, "125" + IM_END]
+
+
 # ===================================================================== preference formats
 
 
@@ -549,6 +622,28 @@ def test_truncation_of_preference_pairs(tok, tmp_path):
     assert tok.decode(pair.chosen.prompt_ids) == tok.decode(pair.rejected.prompt_ids) == PROMPT[-8:]
     assert tok.decode(pair.chosen.completion_ids) == COMPLETION[:4]
     assert tok.decode(pair.rejected.completion_ids) == "55" + IM_END
+
+
+@pytest.mark.parametrize("max_length,max_prompt_length", [(4, 2), (8, 8), (12, 8), (16, 15), (16, 30), (40, 20),
+                                                          (60, 60), (200, 100)])
+def test_truncation_gives_chosen_and_rejected_the_same_prompt(tok, tmp_path, max_length, max_prompt_length):
+    user = [{"role": "user", "content": PROMPT}]
+    rows = [{"prompt": PROMPT, "chosen": COMPLETION, "rejected": "55"},
+            {"prompt": PROMPT, "chosen": "5", "rejected": COMPLETION * 3},
+            {"prompt": "1+2=", "chosen": "3" * 40, "rejected": "3"},
+            {"prompt": user, "chosen": [{"role": "assistant", "content": COMPLETION * 2}],
+             "rejected": [{"role": "assistant", "content": "4"}]}]
+    pairs = prefs(tok, rows, tmp_path, max_length=max_length, max_prompt_length=max_prompt_length)
+    for row, pair in zip(rows, pairs):
+        assert pair.chosen.prompt_ids == pair.rejected.prompt_ids
+        full_prompt = D.encode_prompt(tok, row["prompt"])
+        assert pair.chosen.prompt_ids == full_prompt[len(full_prompt) - len(pair.chosen.prompt_ids):]  # a suffix
+        assert len(pair.chosen.prompt_ids) <= max_prompt_length
+        budget = max_length - len(pair.chosen.prompt_ids)
+        for side, key in ((pair.chosen, "chosen"), (pair.rejected, "rejected")):
+            assert len(side.prompt_ids) + len(side.completion_ids) <= max_length
+            assert side.completion_ids == D.encode_response(tok, row["prompt"], row[key])[:budget]
+            assert len(side.completion_ids) >= 1
 
 
 def test_truncation_of_prompt_rows_keeps_last_tokens(tok, tmp_path):

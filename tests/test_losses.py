@@ -366,3 +366,21 @@ def test_explained_variance():
     # a masked-out position with a wild value is ignored
     R5, m5 = t([[1.0, 2.0, 3.0, 4.0, 50.0]]), t([[1.0, 1.0, 1.0, 1.0, 0.0]])
     assert_close(L.explained_variance(t([[1.0, 2.0, 3.0, 3.0, -50.0]]), R5, m5), torch.tensor(0.85))
+
+
+def test_bias_corrected_kl_has_k3_value_and_k2_gradient():
+    # log r = rlp - lp; at one iteration old = lp.detach(), so the weight exp(lp - old) is 1 in value
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    rlp = torch.tensor([[-1.5, -1.0, -0.5]])
+    corrected = L.bias_corrected_kl(lp, rlp, lp.detach())
+    assert_close(corrected, L.kl_penalty(lp, rlp, "k3"))
+    (grad_corrected,) = torch.autograd.grad(corrected.sum(), lp)
+    (grad_k2,) = torch.autograd.grad(L.kl_penalty(lp, rlp, "k2").sum(), lp)
+    (grad_k3,) = torch.autograd.grad(L.kl_penalty(lp, rlp, "k3").sum(), lp)
+    # k2's gradient is lp - rlp = [0.5, -1, 0]; plain k3's is 1 - exp(rlp - lp) = [1 - e^-0.5, 1 - e, 0]
+    assert_close(grad_corrected, grad_k2)
+    assert_close(grad_k2, torch.tensor([[0.5, -1.0, 0.0]]))
+    assert_close(grad_k3, torch.tensor([[1 - math.exp(-0.5), 1 - math.e, 0.0]]))
+    # with a stale old policy the value is k3 weighted by the importance ratio
+    old = torch.tensor([[-1.0, -2.5, -0.5]])
+    assert_close(L.bias_corrected_kl(lp, rlp, old), L.kl_penalty(lp, rlp, "k3") * torch.exp(lp - old))

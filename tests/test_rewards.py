@@ -7,15 +7,17 @@ directory.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from posttrain.config import load_config
-from posttrain.data import left_pad
+from posttrain.data import collate_preferences, preference_examples, prompt_examples, read_rows
 from posttrain.errors import UserError
-from posttrain.rewards import BUILTIN, RewardSources, resolve_reward_func, think_format
+from posttrain.models import last_token_index, load_scalar_model, load_tokenizer, sequence_scores
+from posttrain.rewards import BUILTIN, RewardSources, rendered_sequences, resolve_reward_func, think_format
 from posttrain.tasks.arith import exact_match
 
 TESTS = Path(__file__).resolve().parent
@@ -166,17 +168,6 @@ def reward_model_dir(tmp_path_factory, tiny_qwen):
     return out
 
 
-def rollout_layout(tokenizer, prompts, completions, device="cpu"):
-    """(input_ids, attention_mask) as rollouts lay them out: left-padded prompts, then completions, pad after."""
-    prompt_ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
-                                tokenizer.pad_token_id)
-    comp = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
-    width = max(len(c) for c in comp)
-    comp_ids = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in comp])
-    comp_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in comp])
-    return torch.cat([prompt_ids, comp_ids], 1).to(device), torch.cat([mask, comp_mask], 1).to(device)
-
-
 def test_reward_model_source_weights_and_clip(reward_model_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -201,8 +192,7 @@ def test_reward_model_source_weights_and_clip(reward_model_dir):
     assert [s.weight for s in rewards.sources] == [2.0, 1.0, -0.5]
     assert len(rewards.models) == 1
     assert not any(p.requires_grad for p in rewards.models[0].parameters())  # frozen
-    layout = rollout_layout(tokenizer, prompts, completions, rewards.models[0].device)
-    total, parts = rewards.score(prompts, completions, extras, layout)
+    total, parts = rewards.score(prompts, completions, extras, raw_prompts=prompts)
     torch.testing.assert_close(parts["rewards/reward_model"], rm, atol=1e-4, rtol=1e-4)
     assert parts["rewards/exact_match"].tolist() == em.tolist()
     assert parts["rewards/think_format"].tolist() == think.tolist()
@@ -213,8 +203,7 @@ def test_reward_model_source_weights_and_clip(reward_model_dir):
     # reward_clip 0 disables clipping
     unbounded = sources(tokenizer, reward_funcs="exact_match,think_format", reward_weights="2.0,1.0,-0.5",
                         reward_model_name_or_path=reward_model_dir, reward_clip=0)
-    total, _ = unbounded.score(prompts, completions, extras,
-                               rollout_layout(tokenizer, prompts, completions, unbounded.models[0].device))
+    total, _ = unbounded.score(prompts, completions, extras, raw_prompts=prompts)
     torch.testing.assert_close(total, unclipped, atol=1e-4, rtol=1e-4)
     assert total.abs().max() > 3.0
 
@@ -226,11 +215,67 @@ def test_reward_model_only(reward_model_dir):
     rewards = sources(tokenizer, reward_funcs="", reward_model_name_or_path=reward_model_dir, reward_clip=100)
     assert [s.name for s in rewards.sources] == ["reward_model"]
     prompts, completions = ["1+2=", "30+40="], ["3", "70"]
-    layout = rollout_layout(tokenizer, prompts, completions, rewards.models[0].device)
-    total, parts = rewards.score(prompts, completions, [{}, {}], layout)
+    total, parts = rewards.score(prompts, completions, [{}, {}], raw_prompts=prompts)
     assert list(parts) == ["rewards/reward_model"]
     torch.testing.assert_close(total, parts["rewards/reward_model"])
     assert total[0] != total[1]
+
+
+def test_reward_model_without_raw_prompts_is_an_error(reward_model_dir):
+    rewards = sources(reward_funcs="", reward_model_name_or_path=reward_model_dir)
+    with pytest.raises(ValueError, match="raw_prompts"):
+        rewards.score(["1+2="], ["3"], [{}])
+
+
+# ------------------------------------------------------------------ RL scoring reads where RM training read
+
+CHAT_ROWS = [  # a chat prompt (the case that differed), a longer chat answer, and a text prompt
+    {"prompt": [{"role": "user", "content": "12+34="}], "chosen": "46", "rejected": "45"},
+    {"prompt": [{"role": "system", "content": "add"}, {"role": "user", "content": "5+5="}],
+     "chosen": "<think>5 and 5</think>10", "rejected": "11"},
+    {"prompt": "70+81=", "chosen": "151", "rejected": "141"},
+]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def sampled_completions(tokenizer, answers: list[str]) -> list[str]:
+    """What rollout.generate returns for a policy that samples each answer then EOS: decoded, specials removed."""
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def test_rl_scoring_reads_the_token_rm_training_reads(tmp_path, reward_model_dir):
+    """Chosen rows scored by the RM training collate and the same conversations scored as RL completions:
+    same tokens, same reading position (``<|im_end|>\n``'s newline for chat rows), same scores."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", CHAT_ROWS)
+    tokenizer = load_tokenizer(str(reward_model_dir))
+    model = load_scalar_model(str(reward_model_dir), "reward_model_name_or_path", trainable=False)
+    pairs = collate_preferences(preference_examples(read_rows(path), tokenizer, 256, 128), [0, 1, 2],
+                                tokenizer.pad_token_id).tokens.to(model.device)
+    trained_ids, trained_mask = pairs.input_ids[:3], pairs.attention_mask[:3]
+    trained_scores = sequence_scores(model, trained_ids, trained_mask).cpu()
+    trained_last = trained_ids.gather(1, last_token_index(trained_mask).unsqueeze(1)).squeeze(1).cpu()
+    assert tokenizer.convert_ids_to_tokens(trained_last.tolist()) == ["Ċ", "Ċ", "<|im_end|>"]  # "\n" is Ċ
+
+    prompts = prompt_examples(read_rows(path), tokenizer, 128)
+    raw_prompts = [e.prompt for e in prompts]
+    assert raw_prompts == [row["prompt"] for row in CHAT_ROWS]
+    completions = sampled_completions(tokenizer, [row["chosen"] for row in CHAT_ROWS])
+    assert completions == [row["chosen"] for row in CHAT_ROWS]
+    rl_ids, rl_mask = rendered_sequences(tokenizer, raw_prompts, completions)
+    rl_last = rl_ids.gather(1, last_token_index(rl_mask).unsqueeze(1)).squeeze(1)
+    assert rl_last.tolist() == trained_last.tolist()
+    assert (rl_ids * rl_mask).tolist() == (trained_ids * trained_mask).cpu().tolist()
+
+    rewards = sources(tokenizer, reward_funcs="", reward_model_name_or_path=reward_model_dir, reward_clip=0)
+    _, parts = rewards.score([e.prompt_text for e in prompts], completions, [e.extra for e in prompts],
+                             raw_prompts=raw_prompts)
+    assert trained_scores.abs().min() > 1e-3 and len(set(trained_scores.tolist())) == 3
+    torch.testing.assert_close(parts["rewards/reward_model"], trained_scores, atol=1e-5, rtol=0)
 
 
 def test_no_reward_source_is_an_error():

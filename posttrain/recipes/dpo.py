@@ -4,13 +4,13 @@
 
 Rafailov et al., arXiv 2305.18290. Chosen and rejected rows go through the
 policy in one batched forward (2B rows), so both sides get gradients (the
-seed's DPO scored the chosen side under no_grad). The reference is the
+chosen side is never scored under no_grad). The reference is the
 starting policy unless ``ref_model_name_or_path`` says otherwise; with LoRA it
 is the base model with adapters off; with ``precompute_ref_log_probs`` it is
 run once over the data and then freed.
 
 Departures from the paper, all opt-in: ``logps_normalization: mean`` (per-token
-average log-probs, as background document 000 does), ``label_smoothing``
+average log-probs; the default for IPO, whose target assumes them), ``label_smoothing``
 (conservative DPO), ``rpo_alpha`` (adds the chosen response's length-normalised
 NLL, Pang et al. arXiv 2404.19733 Eq. 5, a guard against chosen log-probs falling).
 """

@@ -26,7 +26,14 @@ import torch
 
 from posttrain.data import prompt_examples, read_rows
 from posttrain.evaluation import probe_from_config
-from posttrain.losses import aggregate_loss, group_advantages, kl_penalty, masked_mean, ppo_token_losses
+from posttrain.losses import (
+    aggregate_loss,
+    bias_corrected_kl,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    ppo_token_losses,
+)
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 from posttrain.rewards import RewardSources
@@ -50,7 +57,7 @@ def make_rollout(cfg, policy, ref, tokenizer, rewards, prompts) -> tuple[GroupRo
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     texts = [p.prompt_text for p in prompts for _ in range(G)]
     extras = [p.extra for p in prompts for _ in range(G)]
-    scores, parts = rewards.score(texts, gen.completions, extras, (gen.input_ids, gen.attention_mask))
+    scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in prompts for _ in range(G)])
     scores = scores.to(mask.device)
     advantages = group_advantages(scores, G, cfg.scale_rewards)
     keep = group_filter(scores, G)
@@ -65,23 +72,27 @@ def make_rollout(cfg, policy, ref, tokenizer, rewards, prompts) -> tuple[GroupRo
     index = rows.nonzero().squeeze(1)
     ids, attn, mask, advantages = gen.input_ids[index], gen.attention_mask[index], mask[index], advantages[index]
     with autocast(cfg.bf16):
-        old_logps = token_logps(policy, ids, attn, T) if cfg.num_iterations > 1 else None
+        old_logps = token_logps(policy, ids, attn, T, temperature=cfg.temperature) if cfg.num_iterations > 1 else None
         ref_logps = None
         if cfg.beta:
             with reference_mode(policy, ref) as ref_model:
-                ref_logps = token_logps(ref_model, ids, attn, T)
+                ref_logps = token_logps(ref_model, ids, attn, T, temperature=cfg.temperature)
     return GroupRollout(ids, attn, mask, advantages, old_logps, ref_logps), stats
 
 
 def grpo_loss(cfg, policy, mb: GroupRollout, T: int, num_tokens: torch.Tensor):
     """Step 4 on one micro-batch: clipped surrogate + beta·k3, aggregated by loss_type."""
-    logps, entropy = token_logps(policy, mb.input_ids, mb.attention_mask, T, return_entropy=True)
+    logps, entropy = token_logps(policy, mb.input_ids, mb.attention_mask, T, return_entropy=True,
+                                 temperature=cfg.temperature)
     old = mb.old_logps if mb.old_logps is not None else logps.detach()
     per_token, clip_stats = ppo_token_losses(logps, old, mb.advantages.unsqueeze(1), cfg.epsilon,
                                              cfg.epsilon_high or None)
     stats = {k: masked_mean(v, mb.mask) for k, v in clip_stats.items() if k != "approx_kl"}
     if cfg.beta:
-        kl = kl_penalty(logps, mb.ref_logps, "k3")
+        if cfg.use_bias_correction_kl:
+            kl = bias_corrected_kl(logps, mb.ref_logps, old)
+        else:
+            kl = kl_penalty(logps, mb.ref_logps, "k3")
         per_token = per_token + cfg.beta * kl
         stats["kl"] = masked_mean(kl.detach(), mb.mask)
     loss = aggregate_loss(per_token, mb.mask, cfg.loss_type, cfg.max_completion_length, num_tokens)

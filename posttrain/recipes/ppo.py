@@ -8,7 +8,8 @@ Schulman et al., arXiv 1707.06347, in the RLHF form of Ziegler et al.
 
   1. rollout   sample completions for a batch of prompts (KV cache, one call)
   2. score     old log-probs, reference log-probs and values, once, cached —
-               there is no "old actor" model copy (the seed's 000 kept one)
+               there is no "old actor" model copy; all log-probs are of
+               softmax(z / temperature), the distribution that was sampled
   3. rewards   r_t = -kl_coef·KL_t on every completion token, plus the
                sequence score on the last one
   4. GAE       advantages and returns over completion tokens, whitened
@@ -40,7 +41,14 @@ from posttrain.losses import (
     value_loss,
     whiten,
 )
-from posttrain.models import load_policy_and_reference, load_scalar_model, reference_mode, token_logps, token_values
+from posttrain.models import (
+    disable_dropout,
+    load_policy_and_reference,
+    load_scalar_model,
+    reference_mode,
+    token_logps,
+    token_values,
+)
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 from posttrain.rewards import RewardSources
 from posttrain.rollout import Rollout, generate
@@ -60,13 +68,14 @@ class ValueHead(nn.Module):
 
 
 def actor_critic_forward(actor, critic, value_head, ids, attention_mask, T: int, entropy: bool = True,
-                         entropy_grad: bool = False):
+                         entropy_grad: bool = False, temperature: float = 1.0):
     """Completion log-probs (B, T), entropies (B, T) (None unless ``entropy``) and values (B, T) of V(s_t).
 
     V(s_t) is read at the position *before* token t (the state it was sampled
     from); a shared critic reads it from the same forward as the log-probs.
     """
-    kwargs = {"return_entropy": entropy, "entropy_grad": entropy_grad, "return_hidden": value_head is not None}
+    kwargs = {"return_entropy": entropy, "entropy_grad": entropy_grad, "return_hidden": value_head is not None,
+              "temperature": temperature}
     out = token_logps(actor, ids, attention_mask, T, **kwargs)
     out = out if isinstance(out, tuple) else (out,)
     logps, ent = out[0], (out[1] if entropy else None)
@@ -85,11 +94,11 @@ def make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, prompt
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     with autocast(cfg.bf16):
         old_logps, _, values = actor_critic_forward(actor, critic, value_head, gen.input_ids, gen.attention_mask, T,
-                                                    entropy=False)
+                                                    entropy=False, temperature=cfg.temperature)
         with reference_mode(actor, ref) as ref_model:
-            ref_logps = token_logps(ref_model, gen.input_ids, gen.attention_mask, T)
+            ref_logps = token_logps(ref_model, gen.input_ids, gen.attention_mask, T, temperature=cfg.temperature)
     scores, parts = rewards.score([p.prompt_text for p in prompts], gen.completions, [p.extra for p in prompts],
-                                  (gen.input_ids, gen.attention_mask))
+                                  raw_prompts=[p.prompt for p in prompts])
     scores = scores.to(mask.device)
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * gen.truncated.float()
@@ -115,27 +124,37 @@ def make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, prompt
 
 
 def ppo_epochs(cfg, actor, critic, value_head, rollout: Rollout, optimizer, params, window: StatsWindow) -> None:
-    """Step 5: num_ppo_epochs passes over shuffled mini-batches of the rollout."""
+    """Step 5: num_ppo_epochs passes over shuffled mini-batches of the rollout.
+
+    Each mini-batch (B / num_mini_batches rollouts, exact: the config checks
+    it divides) is one optimizer step, accumulated over
+    gradient_accumulation_steps equal micro-batches.
+    """
     B, T = rollout.mask.shape
-    size = max(1, B // cfg.num_mini_batches)
+    mini = max(1, B // cfg.num_mini_batches)  # exact for full batches: the config checks divisibility
+    micro = max(1, mini // cfg.gradient_accumulation_steps)
     for _ in range(cfg.num_ppo_epochs):
         order = torch.randperm(B)
-        for start in range(0, B - size + 1, size):
-            mb = rollout.select(order[start:start + size])
-            with autocast(cfg.bf16):
-                logps, entropy, values = actor_critic_forward(actor, critic, value_head, mb.input_ids,
-                                                              mb.attention_mask, T, entropy_grad=cfg.entropy_coef > 0)
-                pg_loss, pg_stats = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.mask, cfg.epsilon)
-                vf_loss = value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value or None)
-                mean_entropy = masked_mean(entropy, mb.mask)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
-            loss.backward()
-            grad_norm = clip_and_step(params, optimizer, None, cfg.max_grad_norm)
-            window.add({"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
-                        "entropy": mean_entropy.detach(), "grad_norm": grad_norm,
-                        "clip_ratio": pg_stats["clip_ratio"], "approx_kl": pg_stats["approx_kl"],
-                        "explained_variance": explained_variance(values.detach(), mb.returns, mb.mask)})
-            if cfg.target_kl and float(pg_stats["approx_kl"]) > cfg.target_kl:
+        for start in range(0, B - mini + 1, mini):
+            approx_kl = 0.0
+            for chunk in order[start:start + mini].split(micro):
+                mb, weight = rollout.select(chunk), len(chunk) / mini
+                with autocast(cfg.bf16):
+                    logps, entropy, values = actor_critic_forward(actor, critic, value_head, mb.input_ids,
+                                                                  mb.attention_mask, T, entropy_grad=cfg.entropy_coef > 0,
+                                                                  temperature=cfg.temperature)
+                    pg_loss, pg_stats = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.mask, cfg.epsilon)
+                    vf_loss = value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value or None)
+                    mean_entropy = masked_mean(entropy, mb.mask)
+                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
+                (loss * weight).backward()
+                approx_kl += pg_stats["approx_kl"] * weight
+                window.add({"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                            "entropy": mean_entropy.detach(), "clip_ratio": pg_stats["clip_ratio"],
+                            "approx_kl": pg_stats["approx_kl"],
+                            "explained_variance": explained_variance(values.detach(), mb.returns, mb.mask)})
+            window.add({"grad_norm": clip_and_step(params, optimizer, None, cfg.max_grad_norm)})
+            if cfg.target_kl and float(approx_kl) > cfg.target_kl:
                 window.add({"early_stop": 1.0})
                 return
 
@@ -152,6 +171,8 @@ def main(cfg) -> None:
     else:
         init = cfg.critic_model_name_or_path or cfg.reward_model_name_or_path or cfg.model_name_or_path
         critic = load_scalar_model(init, "critic_model_name_or_path")
+        if cfg.disable_dropout:
+            disable_dropout(critic)
     value_module = value_head if value_head is not None else critic
     actor_params = [p for _, p in trainable_parameters(actor)]
     optimizer = build_optimizer(trainable_parameters(actor), cfg.learning_rate, cfg.weight_decay)

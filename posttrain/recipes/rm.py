@@ -6,7 +6,9 @@ Bradley-Terry loss -log σ(r(x, y_w) - r(x, y_l) - m) (InstructGPT, arXiv
 2203.02155 Eq. 1; the per-pair margin m is Llama 2's). The score is read at the
 last non-padding token. ``center_rewards_coefficient`` adds
 c·mean((r_w + r_l)²) (Eisenstein et al., arXiv 2312.09244) so rewards stay near
-0. The model is saved as AutoModelForSequenceClassification (num_labels=1).
+0. The model is saved as AutoModelForSequenceClassification (num_labels=1),
+with a pad token distinct from EOS so that transformers' own forward, which
+pools at the last non-pad token, reads the score where training read it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,28 @@ import torch
 from posttrain.data import collate_preferences, preference_examples, read_rows
 from posttrain.distributed import device
 from posttrain.losses import reward_model_loss
-from posttrain.models import load_scalar_model, load_tokenizer, sequence_scores
+from posttrain.models import disable_dropout, load_scalar_model, load_tokenizer, sequence_scores
 from posttrain.training import autocast, finish, fit, setup_run
+
+PAD_TOKEN = "<|pad|>"  # added only when the tokenizer's pad would otherwise be its EOS
+
+
+def use_distinct_pad(model, tokenizer) -> None:
+    """Give the tokenizer a pad that is not EOS and write its id into the model's config.
+
+    transformers' sequence-classification forward pools at the last token that
+    is not ``config.pad_token_id``; posttrain reads the last attended token. With
+    pad == eos the saved model would skip each row's final EOS and score the
+    token before it. A dedicated pad (with an embedding row grown for it when the
+    vocabulary has no spare slot) makes both read the same position.
+    """
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +99,9 @@ def main(cfg) -> None:
     train_rows, eval_rows = split_pairs(cfg, read_rows(cfg.dataset_name))
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path")
-    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.disable_dropout:  # chosen and rejected are scored by the same deterministic function
+        disable_dropout(model)
+    use_distinct_pad(model, tokenizer)
     if cfg.gradient_checkpointing:  # LoRA is not offered for reward models: the scalar head needs the full trunk
         model.activation_checkpointing_enable()
 

@@ -228,3 +228,36 @@ def test_dpo_separate_reference_model_changes_rewards(tmp_path, tiny_qwen, tiny_
     assert abs(other[0]["rewards/chosen"] - same[0]["rewards/chosen"]) > 1e-3
     assert abs(other[0]["rewards/margins"]) > 1e-4
     assert other[0]["loss"] != pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_ipo_uses_per_token_averaged_logps_by_default_as_trl(tmp_path, tiny_qwen, arith_data):
+    """IPO's target 1/(2β) is for averaged log-ratios: the default config averages, and the loss is TRL's."""
+    from posttrain.models import token_logps
+
+    data = small_preference(tmp_path, arith_data)
+    cfg = dpo_config(tmp_path / "out", tiny_qwen, data, loss_type="ipo", beta=0.1)
+    assert cfg.logps_normalization == "mean"
+    assert dpo_config(tmp_path / "o2", tiny_qwen, data, loss_type="ipo", logps_normalization="sum").logps_normalization == "sum"
+    assert dpo_config(tmp_path / "o3", tiny_qwen, data).logps_normalization == "sum"
+
+    tokenizer, policy, ref = load_policy_and_reference(cfg)
+    with torch.no_grad():  # move the policy off the reference so h != 0
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = one_batch(cfg, tokenizer)
+    loss, _ = dpo.dpo_step(cfg, policy, ref, batch, None)
+
+    # TRL's IPO, written out: per-token averaged log-probs of each side, then (logits - 1/(2β))², mean over pairs
+    tokens = batch.tokens
+    with torch.no_grad():
+        def avg(model):
+            lp = token_logps(model, tokens.input_ids, tokens.attention_mask)
+            return (lp * tokens.loss_mask).sum(-1) / tokens.loss_mask.sum(-1)
+
+        pol, rf = avg(policy), avg(ref)
+    B = len(batch)
+    logits = (pol[:B] - pol[B:]) - (rf[:B] - rf[B:])
+    expected = ((logits - 1 / (2 * 0.1)) ** 2).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    summed = dpo_config(tmp_path / "o4", tiny_qwen, data, loss_type="ipo", beta=0.1, logps_normalization="sum")
+    assert float(dpo.dpo_step(summed, policy, ref, batch, None)[0]) != pytest.approx(float(expected), rel=1e-3)

@@ -285,3 +285,73 @@ def test_ppo_resume_inside_a_logging_window(tmp_path, tiny_qwen, arith_data):
     assert [r["step"] for r in resumed] == [r["step"] for r in full] == [2, 4]
     for key in ("reward", "completion_length", "loss"):
         assert resumed[-1][key] == pytest.approx(full[-1][key], rel=1e-4, abs=1e-6), key
+
+
+# ------------------------------------------------------------------ dropout, mini-batches and accumulation
+
+
+def _dropout_copy(tiny_qwen, dest):
+    import shutil
+
+    shutil.copytree(tiny_qwen, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["attention_dropout"] = 0.3
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_ppo_with_dropout_config_has_zero_kl_and_unit_ratio_at_init(tmp_path, tiny_qwen, arith_data):
+    """Dropout is off in every scoring forward: old = new = reference log-probs before any update."""
+    from posttrain.config import load_config
+    from posttrain.data import prompt_examples, read_rows
+    from posttrain.models import load_policy_and_reference
+    from posttrain.rewards import RewardSources
+
+    model_dir = _dropout_copy(tiny_qwen, tmp_path / "model")
+    cfg = load_config("ppo", None, {**{k: str(v) for k, v in base_fields(model_dir, arith_data).items()},
+                                    "output_dir": str(tmp_path / "out"), "critic": "shared"})
+    tokenizer, actor, ref = load_policy_and_reference(cfg)
+    assert actor.training, "the policy stays in train mode (gradient checkpointing needs it)"
+    prompts = prompt_examples(read_rows(str(arith_data["prompts"]))[:16], tokenizer, 64)
+    head = ppo_recipe.ValueHead(actor.config.hidden_size)
+    torch.manual_seed(0)
+    rollout, stats = ppo_recipe.make_rollout(cfg, actor, ref, None, head, tokenizer, RewardSources.from_config(cfg, tokenizer),
+                                             prompts, cfg.kl_coef)
+    assert float(stats["kl"]) == 0.0
+    T = rollout.mask.shape[1]
+    logps, _, _ = ppo_recipe.actor_critic_forward(actor, None, head, rollout.input_ids, rollout.attention_mask, T)
+    ratio = torch.exp(logps - rollout.old_logps)[rollout.mask.bool()]
+    assert torch.equal(ratio, torch.ones_like(ratio)), (ratio.min(), ratio.max())
+
+
+def test_ppo_batch_must_split_into_mini_batches(tmp_path, tiny_qwen, arith_data):
+    from posttrain.errors import UserError
+
+    with pytest.raises(UserError, match="num_mini_batches"):
+        run_recipe("ppo", tmp_path, **base_fields(tiny_qwen, arith_data, per_device_train_batch_size=8,
+                                                  num_mini_batches=3, max_steps=1))
+    with pytest.raises(UserError, match="gradient_accumulation_steps"):
+        run_recipe("ppo", tmp_path, **base_fields(tiny_qwen, arith_data, per_device_train_batch_size=8,
+                                                  num_mini_batches=2, gradient_accumulation_steps=3, max_steps=1))
+
+
+def test_ppo_steps_once_per_mini_batch_accumulating_micro_batches(tmp_path, tiny_qwen, arith_data, monkeypatch):
+    """B = 8, 2 mini-batches, accumulation 2: 2 optimizer steps per epoch, each over 2 micro-batches of 2."""
+    steps, forwards = [], []
+    real_step, real_forward = ppo_recipe.clip_and_step, ppo_recipe.actor_critic_forward
+
+    def counting_step(*args, **kwargs):
+        steps.append(1)
+        return real_step(*args, **kwargs)
+
+    def counting_forward(actor, critic, value_head, ids, *args, **kwargs):
+        forwards.append(ids.shape[0])
+        return real_forward(actor, critic, value_head, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_recipe, "clip_and_step", counting_step)
+    monkeypatch.setattr(ppo_recipe, "actor_critic_forward", counting_forward)
+    run_recipe("ppo", tmp_path, **base_fields(tiny_qwen, arith_data, per_device_train_batch_size=8, num_mini_batches=2,
+                                              gradient_accumulation_steps=2, num_ppo_epochs=3, max_steps=1))
+    assert len(steps) == 3 * 2
+    # one rollout forward over 8, then 3 epochs x 2 mini-batches x 2 micro-batches of 2
+    assert forwards == [8] + [2] * 12

@@ -237,3 +237,59 @@ def test_rm_resume_inside_a_logging_window(tmp_path, tiny_qwen, pref_split):
     for a, b in zip(full, resumed):
         for key in ("loss", "accuracy"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+# ------------------------------------------------------------------ the saved model in transformers
+
+
+def without_pad_token(source, target, unk_is_eos: bool = False):
+    """A copy of a model folder whose tokenizer and config name no pad token.
+
+    With ``unk_is_eos`` the tokenizer's unk (and bos) is its EOS, as in GPT-2,
+    so no distinct existing special token can serve as pad.
+    """
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(source, target)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.pad_token = None
+    if unk_is_eos:
+        tokenizer.unk_token = tokenizer.bos_token = tokenizer.eos_token
+    tokenizer.save_pretrained(target)
+    config = json.loads((target / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+ROWS_OF_THREE_LENGTHS = ["57+68=125<|im_end|>", "9+9=18<|im_end|>",
+                         "<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n7<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("pad, expected_pad", [("own", "<|endoftext|>"), ("none", "<|endoftext|>"),  # its unk
+                                               ("none_unk_is_eos", "<|pad|>")])  # added by the recipe
+def test_rm_saved_model_pools_where_training_read(tmp_path, tiny_qwen, pref_split, pad, expected_pad):
+    """transformers' own forward of the saved reward model equals posttrain's sequence_scores on right- and
+    left-padded batches, whether the tokenizer had a pad token, had none, or had none and no spare special token."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    start = tiny_qwen if pad == "own" else without_pad_token(tiny_qwen, tmp_path / "start", pad == "none_unk_is_eos")
+    out = tmp_path / "rm"
+    run_recipe("rm", out, model_name_or_path=start, dataset_name=pref_split[0], per_device_train_batch_size=8,
+               learning_rate=3e-2, max_steps=2, logging_steps=1, eval_split=0)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert tokenizer.pad_token == expected_pad and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
+    for side in ("right", "left"):
+        batch = tokenizer(ROWS_OF_THREE_LENGTHS, return_tensors="pt", padding=True, padding_side=side,
+                          add_special_tokens=False)
+        assert (batch["attention_mask"] == 0).any()
+        with torch.no_grad():
+            ours = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+            theirs = model(**batch).logits[:, 0]
+        assert ours.abs().min() > 0  # the head was trained away from 0
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
