@@ -2,17 +2,23 @@
 
 A checkpoint-STEP/ folder holds, and nothing in it is a pickle:
 
-    {module}.safetensors   weights of each trained module (model, critic, ...)
-    {optimizer}.pt         optimizer state: tensors and numbers only, read with
-                           ``torch.load(weights_only=True)``
+    {module}.safetensors   weights of each trained module (model, critic, ...): whole
+    {module}/              ... or, under FSDP2, its shards (torch.distributed.checkpoint,
+                           safetensors files with their offsets)
+    optimizer.pt           optimizer state keyed by parameter name: tensors and numbers,
+                           read with ``torch.load(weights_only=True)``
+    optimizer/ + optimizer.json   ... or, under FSDP2, its sharded tensors and its
+                           param groups
     scheduler.json         the learning-rate schedule's position
-    rng-{rank}.json        python, torch CPU and every CUDA device's RNG state
+    rng-{rank}.json        python, torch CPU and every CUDA device's RNG state, per rank
     trainer_state.json     step, data position, logging window, recipe scalars
     manifest.json          every file above with its size, written last
 
-It is written to a temporary folder and renamed into place only when complete,
-so a run killed mid-save never leaves a half checkpoint; ``latest`` takes the
-newest folder whose manifest matches its files.
+Whole and sharded checkpoints both resume at any world size (FSDP2 shards
+are re-cut to the new ranks; a whole file is sharded on load). A checkpoint
+is written to a temporary folder and renamed into place only when every rank
+is done, so a run killed mid-save never leaves a half checkpoint; ``latest``
+takes the newest folder whose manifest matches its files.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
+from torch import nn
 
 from posttrain import distributed
 from posttrain.errors import UserError
@@ -51,8 +58,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def _files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file())
+
+
 def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
+    for f in _files(folder):
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
 
@@ -69,18 +80,24 @@ def _remove(folder: Path) -> None:
 
 
 def _write_atomic(final: Path, write) -> None:
+    """Run ``write(tmp)`` on every rank, then publish ``tmp`` as ``final`` from rank 0 once all are done."""
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if distributed.is_main():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
     write(tmp)
-    _fsync_tree(tmp)  # flush file contents before the rename publishes them
-    _remove(final)
-    os.replace(tmp, final)
+    distributed.barrier()
+    if distributed.is_main():
+        _fsync_tree(tmp)  # flush file contents before the rename publishes them
+        _remove(final)
+        os.replace(tmp, final)
+    distributed.barrier()
 
 
 def _write_manifest(folder: Path) -> None:
-    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in _files(folder) if f.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -93,32 +110,135 @@ def is_complete(folder: Path) -> bool:
         return False
 
 
+# ---------------------------------------------------------------- sharded state (FSDP2)
+
+
+def _dcp_save(state: dict, folder: Path) -> None:
+    """Every rank writes its shards of ``state`` (a flat dict of tensors) as safetensors into ``folder``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True),
+             no_dist=not distributed.is_distributed())
+
+
+def _dcp_load(state: dict, folder: Path) -> None:
+    """Fill ``state`` (a flat dict of tensors, sharded or whole) in place from the safetensors in ``folder``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    try:
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not distributed.is_distributed())
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign shard folder is the user's to fix
+        raise UserError(f"{folder}: cannot read sharded checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def _unique_tensors(state: dict) -> dict:
+    """Drop entries that share storage with an earlier one (tied embeddings): each tensor is stored once."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        pointer = local.untyped_storage().data_ptr() if local.numel() else id(local)
+        if pointer not in seen:
+            seen.add(pointer)
+            out[key] = value
+    return out
+
+
+def _flat_optimizer_state(optimizer_state: dict) -> dict:
+    """{"state.<param>.<key>": tensor} views of an optimizer state dict keyed by parameter name."""
+    return {f"state.{name}.{key}": value for name, entries in optimizer_state["state"].items()
+            for key, value in entries.items() if torch.is_tensor(value)}
+
+
+def _optimizer_container(modules: dict) -> nn.Module:
+    """One module holding every trained module, so optimizer state is keyed by `name.parameter`."""
+    return nn.ModuleDict(modules)
+
+
+def _save_optimizer(tmp: Path, name: str, container: nn.Module, optimizer, sharded: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(container, optimizer)
+    if sharded:
+        _dcp_save(_flat_optimizer_state(state), tmp / name)
+        if distributed.is_main():
+            (tmp / f"{name}.json").write_text(json.dumps(state["param_groups"]))
+    elif distributed.is_main():
+        torch.save(state, tmp / f"{name}.pt")
+
+
+def _load_optimizer(path: Path, name: str, container: nn.Module, optimizer, sharded: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
+    if (path / name).is_dir():  # sharded on disk: fill this run's own layout in place
+        state = get_optimizer_state_dict(container, optimizer)
+        _dcp_load(_flat_optimizer_state(state), path / name)
+        state["param_groups"] = _read_json(path / f"{name}.json")
+        set_optimizer_state_dict(container, optimizer, state)
+    else:  # whole on disk: sharded on load under FSDP2
+        state = load_tensors(path / f"{name}.pt")
+        set_optimizer_state_dict(container, optimizer, state, options=StateDictOptions(full_state_dict=sharded))
+
+
+def _save_module(tmp: Path, name: str, module: nn.Module) -> None:
+    if distributed.is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        _dcp_save(_unique_tensors(get_model_state_dict(module)), tmp / name)
+    elif distributed.is_main():
+        save_model(module, str(tmp / f"{name}.safetensors"))  # tied weights are stored once
+
+
+def _load_module(path: Path, name: str, module: nn.Module) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    whole = path / f"{name}.safetensors"
+    if (path / name).is_dir():
+        state = _unique_tensors(get_model_state_dict(module))
+        _dcp_load(state, path / name)
+        set_model_state_dict(module, state, options=StateDictOptions(strict=False))  # tied copies fill themselves
+    elif not whole.is_file():
+        raise UserError(f"{path}: missing {whole.name} (written by an older posttrain, or not a checkpoint)")
+    elif distributed.is_sharded(module):
+        set_model_state_dict(module, load_file(str(whole)), options=StateDictOptions(full_state_dict=True))
+    else:
+        load_model(module, str(whole), device=str(distributed.device()))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
 def save_checkpoint(output_dir: str, step: int, modules: dict, optimizers: dict, state: dict,
                     total_limit: int = 0) -> Path:
-    """Write output_dir/checkpoint-STEP atomically; keep the newest ``total_limit``.
+    """Write output_dir/checkpoint-STEP atomically (every rank calls it); keep the newest ``total_limit``.
 
-    ``optimizers`` maps names to objects with ``state_dict()``; a learning-rate
-    scheduler (a plain dict of numbers) goes to JSON, anything else to a
-    tensors-only ``.pt`` file.
+    ``optimizers`` maps names to optimizers (over the parameters of
+    ``modules``) and learning-rate schedulers (saved as JSON).
     """
     final = Path(output_dir) / f"{PREFIX}{step}"
+    sharded = any(distributed.is_sharded(m) for m in modules.values())
 
     def write(tmp: Path) -> None:
         for name, module in modules.items():
-            save_model(module, str(tmp / f"{name}.safetensors"))  # tied weights are stored once
+            _save_module(tmp, name, module)
         for name, opt in optimizers.items():
             if isinstance(opt, torch.optim.lr_scheduler.LRScheduler):
-                (tmp / f"{name}.json").write_text(json.dumps(opt.state_dict()))
+                if distributed.is_main():
+                    (tmp / f"{name}.json").write_text(json.dumps(opt.state_dict()))
             else:
-                torch.save(opt.state_dict(), tmp / f"{name}.pt")
+                _save_optimizer(tmp, name, _optimizer_container(modules), opt, sharded)
         (tmp / f"rng-{distributed.rank()}.json").write_text(json.dumps(rng_state()))
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-        _write_manifest(tmp)
+        distributed.barrier()
+        if distributed.is_main():
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+            _write_manifest(tmp)
 
     _write_atomic(final, write)
-    if total_limit > 0:
+    if total_limit > 0 and distributed.is_main():
         for old in list_checkpoints(output_dir)[:-total_limit]:
             _remove(old)
+    distributed.barrier()
     return final
 
 
@@ -171,38 +291,94 @@ def _read_json(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, modules: dict, optimizers: dict) -> dict:
-    """Restore modules, optimizers and RNG from ``path``; returns the recipe's state dict."""
+    """Restore modules, optimizers and this rank's RNG from ``path``; returns the recipe's state dict."""
+    sharded = any(distributed.is_sharded(m) for m in modules.values())
     for name, module in modules.items():
-        file = path / f"{name}.safetensors"
-        if not file.is_file():
-            raise UserError(f"{path}: missing {file.name} (written by an older posttrain, or not a checkpoint)")
-        load_model(module, str(file), device=str(distributed.device()))
+        _load_module(path, name, module)
     for name, opt in optimizers.items():
         if isinstance(opt, torch.optim.lr_scheduler.LRScheduler):
             opt.load_state_dict(_read_json(path / f"{name}.json"))
         else:
-            opt.load_state_dict(load_tensors(path / f"{name}.pt"))
+            _load_optimizer(path, name, _optimizer_container(modules), opt, sharded)
     rng_file = path / f"rng-{distributed.rank()}.json"
-    if not rng_file.is_file():  # resuming at another world size: ranks without their own state take rank 0's
+    if not rng_file.is_file():  # resuming on more ranks than were saved: the new ranks take rank 0's
         rng_file = path / "rng-0.json"
     set_rng_state(_read_json(rng_file))
     return _read_json(path / "trainer_state.json")
 
 
-def save_pretrained(model, tokenizer, output_dir: str | Path) -> None:
-    """Final model in Hugging Face format, directly in output_dir; LoRA adapters are merged first."""
+def save_module_file(module: nn.Module, path: Path) -> None:
+    """One module's full weights as a safetensors file, written by rank 0 (gathered first under FSDP2)."""
+    state = None
+    if distributed.is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            save_model(module, str(path))
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    distributed.barrier()
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied LM head)."""
+    first: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.add(name)
+        first.setdefault(id(param), name)
+    return tied
+
+
+def _plain_class(module: nn.Module) -> type:
+    """The module's own class, under the DDP / FSDP2 subclass that wrapping put on it."""
+    return next(c for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed"))
+
+
+def save_pretrained(model, tokenizer, output_dir: str | Path, replica=None) -> None:
+    """Final model in Hugging Face format, directly in output_dir, written by rank 0; LoRA adapters are merged first.
+
+    Under FSDP2 every rank calls it: the full state dict is gathered to rank 0
+    (on the CPU) first. A sharded LoRA model is merged on ``replica()``, an
+    unsharded copy of the model that rank 0 builds to load it into.
+    """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    state = None
+    if distributed.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = {k: v for k, v in state.items() if k not in _tied_names(model)}
+    if not distributed.is_main():
+        distributed.barrier()
+        return
+    if state is not None and hasattr(model, "merge_and_unload"):
+        model = replica()
+        model.load_state_dict(state)
+        state = None
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    output_dir.mkdir(parents=True, exist_ok=True)
     staging = output_dir / ".final.tmp"
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-
-    _write_atomic(staging, write)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    wrapped_class = type(model)
+    model.__class__ = _plain_class(model)  # so config.json names the transformers class, not the wrapper
+    try:
+        model.save_pretrained(str(staging), state_dict=state)
+    finally:
+        model.__class__ = wrapped_class
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))
+    _fsync_tree(staging)
     for f in staging.iterdir():
         os.replace(f, output_dir / f.name)
     staging.rmdir()
+    distributed.barrier()

@@ -108,12 +108,14 @@ def _split_stage_args(args: argparse.Namespace) -> tuple[str | None, dict]:
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command in STAGES:
+        from posttrain import distributed
         from posttrain.config import load_config
 
         config_file, overrides = _split_stage_args(args)
         cfg = load_config(args.command, config_file, overrides)
         recipe = importlib.import_module(f"posttrain.recipes.{args.command}")
-        recipe.main(cfg)
+        with distributed.process_group():  # torchrun: one group for the whole run, destroyed also on error
+            recipe.main(cfg)
     elif args.command == "generate":
         from posttrain.evaluation import generate_main
 

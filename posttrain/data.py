@@ -147,9 +147,19 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def _template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's render of messages. Raises TemplateMismatch (callers name the row's
+    file:line) when the tokenizer has no template or the template rejects the messages."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the tokenizer has no chat template, so rows with messages cannot be used")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        raise TemplateMismatch("the tokenizer has no chat template, so rows with messages cannot be encoded; set "
+                               "`chat_template_path` to a Jinja template file (or give plain-string prompts)")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateSyntaxError as err:
+        raise TemplateMismatch(f"the chat template is not valid Jinja (line {err.lineno}: {err.message})") from None
+    except TemplateError as err:  # e.g. raise_exception() on roles the template does not accept
+        raise TemplateMismatch(f"the chat template rejects these messages: {err}") from None
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
@@ -167,7 +177,7 @@ def encode_response(tokenizer, prompt, response) -> list[int]:
     prefix = _template(tokenizer, prompt_msgs, add_generation_prompt=True)
     full = _template(tokenizer, prompt_msgs + response_msgs, add_generation_prompt=False)
     if not full.startswith(prefix):
-        raise UserError("the chat template does not extend the prompt when the response is added")
+        raise TemplateMismatch("the chat template does not extend the prompt when the response is added")
     return _ids(tokenizer, full[len(prefix):])
 
 
@@ -285,7 +295,10 @@ def sft_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length:
             _check_text_or_messages(row, "prompt", prompt)
             _check_text_or_messages(row, "completion", completion)
             _check_same_kind(row, prompt, "completion", completion)
-            example = Example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, prompt, completion))
+            try:
+                example = Example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, prompt, completion))
+            except TemplateMismatch as err:
+                raise UserError(f"{row.source}: {err}") from None
         else:
             raise UserError(f"{row.source}: an SFT row needs 'messages' or 'prompt' and 'completion'")
         out.append(truncate(example, max_length, max_prompt_length))
@@ -331,10 +344,13 @@ def preference_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_
         margin = 0.0 if margin is None else margin  # parquet reads an absent value as None
         if not isinstance(margin, (int, float)) or isinstance(margin, bool):
             raise UserError(f"{row.source}: field 'margin' must be a number, got {margin!r}")
-        prompt_ids = encode_prompt(tokenizer, prompt)
-        chosen_ex, rejected_ex = truncate_pair(prompt_ids, encode_response(tokenizer, prompt, chosen),
-                                               encode_response(tokenizer, prompt, rejected), max_length,
-                                               max_prompt_length)
+        try:
+            prompt_ids = encode_prompt(tokenizer, prompt)
+            chosen_ids = encode_response(tokenizer, prompt, chosen)
+            rejected_ids = encode_response(tokenizer, prompt, rejected)
+        except TemplateMismatch as err:
+            raise UserError(f"{row.source}: {err}") from None
+        chosen_ex, rejected_ex = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
         out.append(PreferenceExample(chosen_ex, rejected_ex, float(margin)))
     return out
 
@@ -354,8 +370,11 @@ def prompt_examples(rows: list[Row], tokenizer, max_prompt_length: int) -> list[
         _check_text_or_messages(row, "prompt", prompt)
         if isinstance(prompt, str) and not prompt:
             raise UserError(f"{row.source}: field 'prompt' is an empty string")
-        ids = encode_prompt(tokenizer, prompt)[-max_prompt_length:]
-        text = prompt if isinstance(prompt, str) else _template(tokenizer, prompt, add_generation_prompt=True)
+        try:
+            ids = encode_prompt(tokenizer, prompt)[-max_prompt_length:]
+            text = prompt if isinstance(prompt, str) else _template(tokenizer, prompt, add_generation_prompt=True)
+        except TemplateMismatch as err:
+            raise UserError(f"{row.source}: {err}") from None
         out.append(PromptExample(ids, text, {k: v for k, v in row.data.items() if k != "prompt"}, prompt))
     return out
 

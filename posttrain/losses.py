@@ -223,18 +223,23 @@ def gae(
     return advantages, returns
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce=None) -> torch.Tensor:
     """Normalise to unit variance over masked positions (PPO advantage whitening).
 
     Ziegler et al., arXiv 1909.08593, as in OpenAI lm-human-preferences. With
     shift_mean=False the mean is added back (used for returns / rewards).
-    Variance is Bessel-corrected. Masked positions come back as 0.
+    Variance is Bessel-corrected. Masked positions come back as 0. ``reduce``
+    (default: none) sums a tensor over the other shards of the batch (the
+    ranks of a data-parallel run), so the mean and variance are the whole
+    batch's.
 
     Shape: values (B, T), mask (B, T) -> (B, T).
     """
-    mean = masked_mean(values, mask)
-    n = mask.sum()
-    var = masked_sum((values - mean) ** 2, mask) / (n - 1).clamp_min(1)
+    total = reduce or (lambda t: t)
+    n = total(mask.sum())
+    mean = total(masked_sum(values, mask)) / n.clamp_min(1)
+    var = total(masked_sum((values - mean) ** 2, mask)) / (n - 1).clamp_min(1)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from posttrain import distributed
 from posttrain.distributed import device
 from posttrain.errors import UserError
 from posttrain.losses import entropy_from_logits, selective_log_softmax
@@ -106,7 +107,7 @@ def _check_dir(path: str, field: str) -> None:
                         "posttrain never downloads models")
 
 
-def load_tokenizer(path: str, field: str = "model_name_or_path"):
+def load_tokenizer(path: str, field: str = "model_name_or_path", chat_template_path: str = ""):
     """AutoTokenizer of a local folder, with a pad token chosen when it has none.
 
     The pad is a distinct existing special token where one exists (unk, else a
@@ -121,7 +122,25 @@ def load_tokenizer(path: str, field: str = "model_name_or_path"):
     if tokenizer.pad_token is None:
         spare = [t for t in (tokenizer.unk_token, tokenizer.bos_token) if t is not None and t != tokenizer.eos_token]
         tokenizer.pad_token = (spare or [tokenizer.eos_token])[0]
+    if chat_template_path:
+        apply_chat_template_file(tokenizer, chat_template_path)
     return tokenizer
+
+
+def apply_chat_template_file(tokenizer, path: str) -> None:
+    """Set the tokenizer's chat template from a Jinja file (config field `chat_template_path`).
+
+    It replaces the tokenizer's own template, or gives one to a tokenizer that has none;
+    ``save_pretrained`` then writes it into the trained model's folder.
+    """
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise UserError(f"chat_template_path: cannot read {path!r} ({reason})") from None
+    if not template.strip():
+        raise UserError(f"chat_template_path: {path!r} is empty")
+    tokenizer.chat_template = template
 
 
 def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool = True):
@@ -195,13 +214,22 @@ def apply_lora(model, r: int, alpha: int, target_modules: str):
     return get_peft_model(model, config)
 
 
+def unsharded_replica(model, cfg):
+    """A CPU copy of ``model``'s architecture (base weights + LoRA layers) to gather sharded weights into."""
+    from transformers import AutoModelForCausalLM
+
+    base_path = model.peft_config["default"].base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    return apply_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+
+
 def prepare_for_training(model, cfg):
-    """Activation checkpointing and LoRA, as the config asks; returns the model to train."""
+    """Activation checkpointing, LoRA, then DDP / FSDP2 under torchrun, as the config asks; returns the model to train."""
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if cfg.use_peft:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
-    return model
+    return distributed.wrap(model, cfg.fsdp, cfg.bf16)
 
 
 def load_policy_and_reference(cfg, need_reference: bool = True):
@@ -211,7 +239,7 @@ def load_policy_and_reference(cfg, need_reference: bool = True):
     It is None when not needed (GRPO with beta 0) and with LoRA when no
     separate reference is named: then the base with adapters off serves.
     """
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path)
     policy = load_causal_lm(cfg.model_name_or_path)
     if cfg.disable_dropout:
         disable_dropout(policy)
@@ -220,6 +248,7 @@ def load_policy_and_reference(cfg, need_reference: bool = True):
     if need_reference and (cfg.ref_model_name_or_path or not cfg.use_peft):
         ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, "ref_model_name_or_path",
                              trainable=False)
+        ref = distributed.wrap(ref, cfg.fsdp, cfg.bf16, frozen=True)
     return tokenizer, policy, ref
 
 
@@ -279,19 +308,27 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
 
 
 def scalar_head(model) -> nn.Module:
-    return model.score
+    """The `score` head of a sequence-classification model (through a peft wrapper too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.score
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-position scalar of a sequence-classification model: (B, L).
 
-    Runs the trunk once and applies the `score` head at every position (the
-    transformers forward pools to one position, a critic needs them all).
+    The transformers forward applies the `score` head at every position and
+    then pools to one; a critic needs them all, so they are taken from the head
+    as it runs. The forward goes through the model itself, which is what lets
+    DDP and FSDP2 (hooked on the root module) gather weights and reduce gradients.
     """
-    trunk = model.base_model
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                   use_cache=False).last_hidden_state
-    return scalar_head(model)(hidden).squeeze(-1).float()
+    captured = []
+    hook = scalar_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+              use_cache=False)
+    finally:
+        hook.remove()
+    return captured[-1].squeeze(-1).float()
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -316,8 +353,9 @@ def prepare_model(path: str, cfg, corpus_fn=None) -> str:
         _check_dir(path, "model_name_or_path")
         return path
     target = Path(cfg.output_dir) / "tiny-init"
-    if not (target / "config.json").is_file():
+    if distributed.is_main() and not (target / "config.json").is_file():  # one rank builds, the others wait
         build_tiny_model(corpus_fn(), target, seed=cfg.seed, hidden_size=cfg.tiny_hidden_size,
                          num_layers=cfg.tiny_num_layers, num_heads=cfg.tiny_num_heads,
                          intermediate_size=cfg.tiny_intermediate_size)
+    distributed.barrier()
     return str(target)

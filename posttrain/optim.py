@@ -35,12 +35,18 @@ def build_scheduler(optimizer, total_steps: int, warmup_ratio: float, kind: str)
 
 
 def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, max_grad_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm, step, advance the schedule, clear gradients. Returns the pre-clip norm."""
+    """Clip the global gradient norm, step, advance the schedule, clear gradients. Returns the pre-clip norm.
+
+    Under FSDP2 gradients are sharded DTensors: the norm is reduced over every
+    shard (so it is the whole model's) and returned as a plain tensor.
+    """
     if max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         grads = [p.grad.norm() for p in params if p.grad is not None]
         grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

@@ -15,13 +15,16 @@ clips at 3).
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from posttrain import distributed
 from posttrain.data import Example, collate_examples, encode_prompt, encode_response
 from posttrain.errors import UserError
 from posttrain.tasks.arith import exact_match
@@ -44,14 +47,23 @@ def resolve_reward_func(name: str) -> Callable:
     if ":" not in name:
         raise UserError(f"reward_funcs: unknown reward {name!r}; built-ins: {', '.join(BUILTIN)}; "
                         "or give module:function")
-    module_name, func_name = name.split(":", 1)
+    return resolve_callable(name, "reward_funcs")
+
+
+def resolve_callable(name: str, field: str) -> Callable:
+    """`module:function`, imported from the working directory (for `posttrain` as for `python -m posttrain`)."""
+    module_name, _, func_name = name.partition(":")
+    if not module_name or not func_name:
+        raise UserError(f"{field}: {name!r} is not of the form module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise UserError(f"reward_funcs: cannot import module {module_name!r} ({err})") from None
+        raise UserError(f"{field}: cannot import module {module_name!r} ({err})") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise UserError(f"reward_funcs: {module_name!r} has no function {func_name!r}")
+        raise UserError(f"{field}: {module_name!r} has no function {func_name!r}")
     return func
 
 
@@ -130,7 +142,7 @@ class RewardSources:
         sources = [RewardSource(n, float(w), func=resolve_reward_func(n)) for n, w in zip(names, weights)]
         if cfg.reward_model_name_or_path:
             path, field = cfg.reward_model_name_or_path, "reward_model_name_or_path"
-            model = load_scalar_model(path, field, trainable=False)
+            model = distributed.wrap(load_scalar_model(path, field, trainable=False), cfg.fsdp, cfg.bf16, frozen=True)
             rm_tokenizer = load_tokenizer(path, field) if _has_tokenizer(path) else tokenizer
             sources.append(RewardSource("reward_model", float(weights[len(names)]), model=model, tokenizer=rm_tokenizer))
         if not sources:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from posttrain import distributed
 from posttrain.data import left_pad
 
 
@@ -47,7 +48,7 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> tuple
 
 
 def sampling_config(max_new_tokens: int, temperature: float, greedy: bool, top_k: int, num_return_sequences: int,
-                    pad_id: int, eos_id: int):
+                    pad_id: int, eos_id: int, output_scores: bool = False):
     """A GenerationConfig built from our own fields only.
 
     Nothing comes from the checkpoint's generation_config.json: a
@@ -66,7 +67,7 @@ def sampling_config(max_new_tokens: int, temperature: float, greedy: bool, top_k
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, min_p=None,
         epsilon_cutoff=0.0, eta_cutoff=0.0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
         forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None, renormalize_logits=False,
-        exponential_decay_length_penalty=None, **sampling)
+        exponential_decay_length_penalty=None, return_dict_in_generate=True, output_scores=output_scores, **sampling)
 
 
 @contextlib.contextmanager
@@ -96,34 +97,79 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     consecutive rows, the layout `group_advantages` expects. Sampling is
     from softmax(z / temperature) (and top-k when set) and nothing else.
     ``return_sampling_logps`` also keeps the log-probability of each sampled
-    token under the distribution `generate` actually drew it from.
+    token under the distribution `generate` actually drew it from. Under
+    FSDP2 every rank keeps stepping until all ranks are done (synced_gpus),
+    since each forward gathers weights from all of them.
     """
     was_training = model.training
     model.eval()
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     ids, mask = left_pad(prompt_ids, pad_id)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    config = sampling_config(max_new_tokens, temperature, greedy, top_k, num_return_sequences, pad_id, eos_id)
+    config = sampling_config(max_new_tokens, temperature, greedy, top_k, num_return_sequences, pad_id, eos_id,
+                             output_scores=return_sampling_logps)
     with _clean_generation_defaults(model, config):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             return_dict_in_generate=True, output_scores=return_sampling_logps)
+                             **distributed.generation_kwargs(model))
     if was_training:
         model.train()
-    sequences = out.sequences
-    completion_ids = sequences[:, ids.shape[1]:]
-    if completion_ids.shape[1] == 0:  # every prompt already at the limit: one pad column keeps shapes valid
-        completion_ids = torch.full((sequences.shape[0], 1), eos_id, device=sequences.device)
-        sequences = torch.cat([sequences, completion_ids], 1)
-    completion_mask, truncated = completion_mask_from_ids(completion_ids, eos_id)
-    prompt_mask = mask.repeat_interleave(num_return_sequences, dim=0)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    texts = tokenizer.batch_decode(completion_ids * completion_mask + pad_id * (1 - completion_mask),
-                                   skip_special_tokens=True)
-    sampling_logps = None
+    gen = generation_from_ids(ids, mask, out.sequences[:, ids.shape[1]:], tokenizer, num_return_sequences)
     if return_sampling_logps and out.scores:
         scores = torch.stack(out.scores, dim=1).float()  # (B, T, V) the processed logits sampled from
-        sampling_logps = scores.log_softmax(-1).gather(-1, completion_ids[:, :scores.shape[1]].unsqueeze(-1)).squeeze(-1)
-    return Generation(sequences, attention_mask, completion_mask.float(), truncated, texts, sampling_logps)
+        picked = gen.completion_ids[:, :scores.shape[1]].unsqueeze(-1)
+        gen.sampling_logps = scores.log_softmax(-1).gather(-1, picked).squeeze(-1)
+    return gen
+
+
+def generation_from_ids(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, tokenizer,
+                        num_return_sequences: int = 1) -> Generation:
+    """Lay out left-padded prompts (B, P) and their completions (B·G, T) for scoring.
+
+    Tokens after a completion's first EOS become padding; a completion with
+    no EOS is truncated. Any rollout engine builds its `Generation` here.
+    """
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompt_ids = prompt_ids.repeat_interleave(num_return_sequences, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(num_return_sequences, dim=0).to(prompt_ids.device)
+    completion_ids = completion_ids.to(prompt_ids.device)
+    if completion_ids.shape[1] == 0:  # every prompt already at the limit: one EOS column keeps shapes valid
+        completion_ids = torch.full((prompt_ids.shape[0], 1), eos_id, device=prompt_ids.device)
+    completion_mask, truncated = completion_mask_from_ids(completion_ids, eos_id)
+    completion_ids = completion_ids * completion_mask + pad_id * (1 - completion_mask)
+    sequences = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Generation(sequences, attention_mask, completion_mask.float(), truncated, texts)
+
+
+class HFEngine:
+    """The rollout engine boundary, implemented with transformers `generate` and its KV cache.
+
+    A rollout engine turns prompts into a `Generation` and is told when the
+    policy's weights changed. This one samples from the very module being
+    trained, so there is nothing to load; an engine that keeps its own copy
+    of the weights (a serving engine) copies them in ``load_weights``.
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+
+    def generate(self, prompt_ids: list[list[int]], num_return_sequences: int = 1) -> Generation:
+        return generate(self.model, self.tokenizer, prompt_ids, self.max_new_tokens, self.temperature,
+                        num_return_sequences=num_return_sequences, top_k=self.top_k)
+
+    def load_weights(self, model) -> None:
+        """Weights are shared with ``model`` already."""
+
+
+def build_engine(cfg, model, tokenizer):
+    """``rollout_engine``: `hf`, or `module:factory` called as factory(cfg=..., model=..., tokenizer=...)."""
+    if cfg.rollout_engine == "hf":
+        return HFEngine(model, tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_k)
+    from posttrain.rewards import resolve_callable
+
+    return resolve_callable(cfg.rollout_engine, "rollout_engine")(cfg=cfg, model=model, tokenizer=tokenizer)
 
 
 @dataclass
@@ -152,6 +198,7 @@ class GroupRollout:
     attention_mask: torch.Tensor  # (N·G, P+T)
     mask: torch.Tensor  # (N·G, T) completion tokens that count (truncated ones zeroed when masked)
     advantages: torch.Tensor  # (N·G,) Â_i = group-relative reward, shared by the tokens of completion i
+    kept: torch.Tensor  # (N·G,) bool: the completion counts (False: its group was filtered out)
     old_logps: torch.Tensor | None  # (N·G, T) log π_old, cached when num_iterations > 1
     ref_logps: torch.Tensor | None  # (N·G, T) log π_ref, cached when beta > 0
 

@@ -26,13 +26,19 @@ from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 
 
 def setup_run(cfg) -> None:
-    """Threads, seeds, output_dir and config.yaml: the first step of every recipe."""
+    """Threads, seeds, output_dir and config.yaml: the first step of every recipe.
+
+    Every rank takes the same seed, so models initialised here start equal on
+    every rank (FSDP2 does not broadcast them); rank 0 writes the folder.
+    """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    if distributed.is_main():
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    distributed.barrier()
 
 
 def total_steps(cfg, micro_batches_per_epoch: int) -> int:
@@ -86,10 +92,14 @@ class StatsWindow:
             self.counts[k] += 1
 
     def pop(self) -> dict:
-        out = {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
+        """The window's means, averaged over ranks (one all-reduce for every key), and a fresh window."""
+        keys = sorted(self.sums)
+        means = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32).cpu() / self.counts[k]
+                             for k in keys]) if keys else torch.zeros(0)
+        means = distributed.all_mean(means).cpu()
         self.sums.clear()
         self.counts.clear()
-        return out
+        return {k: float(v) for k, v in zip(keys, means)}
 
     def state(self) -> dict:
         """The pending sums and counts, saved in a checkpoint taken between two log lines."""
@@ -120,8 +130,15 @@ def fit(
     """
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.learning_rate, cfg.weight_decay)
-    batch_size, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    micro_per_epoch = len(length_grouped_batches(lengths, batch_size, cfg.seed, 0, group=cfg.group_by_length))
+    # one global micro-batch = per_device_train_batch_size rows on each rank; this rank trains its share
+    global_batch, accum = cfg.per_device_train_batch_size * distributed.world_size(), cfg.gradient_accumulation_steps
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        batches = length_grouped_batches(lengths, global_batch, cfg.seed, epoch, group=cfg.group_by_length)
+        # a last global batch too small to give every rank a row is dropped (never the case for one process)
+        return [b for b in batches if len(b) >= distributed.world_size()]
+
+    micro_per_epoch = len(epoch_batches(0))
     steps = total_steps(cfg, micro_per_epoch)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
@@ -135,16 +152,24 @@ def fit(
     record: dict = {}
     model.train()
     while step < steps:
-        batches = length_grouped_batches(lengths, batch_size, cfg.seed, epoch, group=cfg.group_by_length)
+        batches = epoch_batches(epoch)
         while micro < len(batches) and step < steps:
-            # one optimizer step = `accum` micro-batches (fewer at the end of an epoch)
-            made = [make_batch(indices).to(distributed.device()) for indices in batches[micro:micro + accum]]
-            weights = [batch_weight(b) if batch_weight else len(b) for b in made]
-            for batch, weight in zip(made, weights):
+            # one optimizer step = `accum` global micro-batches (fewer at the end of an epoch)
+            made = [make_batch(distributed.rank_share(indices)).to(distributed.device())
+                    for indices in batches[micro:micro + accum]]
+            weights = [float(batch_weight(b)) if batch_weight else float(len(b)) for b in made]
+            # each micro-batch weighs its share of the whole step's rows (or tokens) over every rank; the
+            # all-reduce of gradients averages over ranks, which the world size undoes
+            scale = distributed.world_size() / float(distributed.all_sum(torch.tensor(sum(weights))))
+            step_loss = 0.0
+            for i, (batch, weight) in enumerate(zip(made, weights)):
+                distributed.sync_gradients([model], i == len(made) - 1)
                 with autocast(cfg.bf16):
                     loss, stats = loss_fn(batch)
-                (loss * weight / sum(weights)).backward()
-                window.add({"loss": loss.detach(), **stats})
+                (loss * weight * scale).backward()
+                step_loss = step_loss + loss.detach() * weight * scale
+                window.add(stats)
+            window.add({"loss": step_loss})  # the loss of the whole global batch (the mean over ranks undoes the scale)
             micro += len(made)
             grad_norm = clip_and_step([p for _, p in params], optimizer, scheduler, cfg.max_grad_norm)
             window.add({"grad_norm": grad_norm})
@@ -169,8 +194,10 @@ def fit(
 
 
 def finish(cfg, model, tokenizer, record: dict, title: str, extra: dict | None = None) -> None:
-    """Final HF-format save, plots and summary.json: the last step of every recipe."""
-    checkpoint.save_pretrained(model, tokenizer, cfg.output_dir)
+    """Final HF-format save (rank 0), plots and summary.json: the last step of every recipe."""
+    from posttrain.models import unsharded_replica
+
+    checkpoint.save_pretrained(model, tokenizer, cfg.output_dir, replica=lambda: unsharded_replica(model, cfg))
     metrics.plot_metrics(cfg.output_dir, title)
     summary = {"wall_s": record.get("wall_s"), "peak_rss_mb": round(metrics.peak_rss_mb(), 1),
                "final": record, **(extra or {})}
@@ -178,10 +205,12 @@ def finish(cfg, model, tokenizer, record: dict, title: str, extra: dict | None =
 
 
 class PromptStream:
-    """Batches of prompt indices for the RL stages, in a seeded order per epoch.
+    """Global batches of prompt indices for the RL stages, in a seeded order per epoch.
 
-    The position (epoch, batch) is part of every checkpoint, so a resumed run
-    sees the same prompts in the same order as an uninterrupted one.
+    ``batch_size`` is the global batch (per device x world size); each rank
+    takes its share. The position (epoch, batch) is part of every checkpoint,
+    so a resumed run sees the same prompts in the same order as an
+    uninterrupted one, at any world size.
     """
 
     def __init__(self, num_prompts: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
@@ -205,10 +234,11 @@ class PromptStream:
 
 
 def rl_total_steps(cfg, num_prompts: int) -> int:
-    """Rollout batches of the run: max_steps, else epochs over the prompts."""
+    """Rollout batches of the run: max_steps, else epochs over the prompts (global batches)."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_train_epochs * num_prompts / cfg.per_device_train_batch_size))
+    global_batch = cfg.per_device_train_batch_size * distributed.world_size()
+    return max(1, math.ceil(cfg.num_train_epochs * num_prompts / global_batch))
 
 
 def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimizer, scheduler,
@@ -226,13 +256,13 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
     saved = resume(cfg, modules, optimizer, scheduler)
     state.update({k: saved[k] for k in state if k in saved})
     step = saved.get("step", 0)
-    stream = PromptStream(num_prompts, cfg.per_device_train_batch_size, cfg.seed, saved.get("epoch", 0),
-                          saved.get("position", 0))
+    stream = PromptStream(num_prompts, cfg.per_device_train_batch_size * distributed.world_size(), cfg.seed,
+                          saved.get("epoch", 0), saved.get("position", 0))
     logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc)
     window, record = StatsWindow(), {}
     window.load(saved.get("window"))
     while step < steps:
-        rl_step(stream.next(), window, state)
+        rl_step(distributed.rank_share(stream.next()), window, state)
         scheduler.step()
         step += 1
         logger.advance()

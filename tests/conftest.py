@@ -68,3 +68,129 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# ------------------------------------------------- real model families (Qwen2, Llama-3, Mistral)
+
+# Qwen2-Instruct: ChatML with a default system turn
+QWEN2_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Llama-3-Instruct: header-style turns, each ended by <|eot_id|>, after <|begin_of_text|>
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
+# Mistral-7B-Instruct: <s>[INST] user [/INST]answer</s>..., strictly alternating user/assistant
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- '[INST] ' + message['content'] + ' [/INST]' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
+    "{%- else -%}{{- raise_exception('Only user and assistant roles are supported!') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# Llama-3's pre-tokenizer pattern (digits in groups of up to 3; with no merges every byte is one token anyway)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# family -> (model_type, tie_word_embeddings, key-value heads, special tokens, chat template)
+FAMILIES = {
+    "qwen2_tied": ("qwen2", True, 2, {}, QWEN2_CHAT_TEMPLATE),
+    "qwen2_untied": ("qwen2", False, 1, {}, QWEN2_CHAT_TEMPLATE),
+    "llama3": ("llama", False, 1, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                                   "extra": ["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]},
+               LLAMA3_CHAT_TEMPLATE),
+    "mistral": ("mistral", False, 1, {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "extra": []},
+                MISTRAL_CHAT_TEMPLATE),
+}
+
+
+def _byte_level_tokenizer(corpus: list[str], specials: dict, split: str):
+    """A byte-level BPE with no merges (one token per byte, like posttrain.models.build_tiny_tokenizer)
+    carrying the given special tokens and no pad token. Saved with transformers' generic fast
+    tokenizer, which AutoTokenizer loads back as is for llama and mistral configs."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    named = {k: v for k, v in specials.items() if k != "extra"}
+    tokens = list(named.values()) + specials["extra"]
+    core = Tokenizer(models.BPE())
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    core.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(tokens), special_tokens=tokens,
+                                  initial_alphabet=alphabet, show_progress=False)
+    core.train_from_iterator(list(corpus), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, additional_special_tokens=specials["extra"],
+                                   clean_up_tokenization_spaces=False, model_max_length=1024, **named)
+
+
+def build_family_model(name: str, corpus: list[str], out: Path, with_template: bool = True) -> Path:
+    """A random tiny model of family `name` (hidden 32, 2 layers, 2 heads) with its own tokenizer,
+    special tokens and chat template (`with_template=False`: a tokenizer without one)."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from posttrain.models import build_tiny_tokenizer
+
+    model_type, tied, kv_heads, specials, template = FAMILIES[name]
+    if model_type == "qwen2":
+        tokenizer = build_tiny_tokenizer(corpus, out)  # Qwen2's own layout, pad <|endoftext|>, eos <|im_end|>
+    else:
+        tokenizer = _byte_level_tokenizer(corpus, specials, LLAMA3_SPLIT)
+    tokenizer.chat_template = template if with_template else None
+    tokenizer.save_pretrained(str(out))
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=kv_heads, intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(out))
+    if tokenizer.pad_token is None:  # as Llama-3 / Mistral checkpoints ship: no pad token anywhere
+        saved = json.loads((out / "config.json").read_text())
+        saved.pop("pad_token_id", None)
+        (out / "config.json").write_text(json.dumps(saved, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_families(tmp_path_factory, arith_data) -> dict[str, Path]:
+    """name -> folder of a random tiny model per real family: qwen2_tied, qwen2_untied (ChatML, pad
+    <|endoftext|>), llama3 (Llama-3 headers, eos <|eot_id|>) and mistral ([INST], eos </s>); llama3 and
+    mistral have no pad token, in the tokenizer or the config."""
+    corpus = _corpus(arith_data)
+    return {name: build_family_model(name, corpus, tmp_path_factory.mktemp(name)) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def no_template_model(tmp_path_factory, arith_data) -> Path:
+    """A random tiny Llama whose tokenizer has no chat template at all."""
+    return build_family_model("llama3", _corpus(arith_data), tmp_path_factory.mktemp("no_template"),
+                              with_template=False)

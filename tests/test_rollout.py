@@ -18,7 +18,7 @@ from posttrain.config import load_config
 from posttrain.data import prompt_examples, read_rows
 from posttrain.models import load_causal_lm, load_tokenizer, token_logps
 from posttrain.rewards import RewardSource, RewardSources, resolve_reward_func
-from posttrain.rollout import generate
+from posttrain.rollout import build_engine, generate
 
 
 def _prompts(tokenizer, arith_data, n=8):
@@ -64,9 +64,10 @@ def test_rl_rollout_old_and_ref_logps_are_of_the_sampled_distribution(tmp_path, 
                         return_sampling_logps=True)
     torch.manual_seed(1)
     if stage == "ppo":
-        rollout, _ = recipe.make_rollout(cfg, policy, ref, None, head, tokenizer, _exact_match(), prompts, 0.05)
+        engine = build_engine(cfg, policy, tokenizer)
+        rollout, _ = recipe.make_rollout(cfg, engine, policy, ref, None, head, _exact_match(), prompts, 0.05)
     else:
-        rollout, _ = recipe.make_rollout(cfg, policy, ref, tokenizer, _exact_match(), prompts)
+        rollout, _ = recipe.make_rollout(cfg, build_engine(cfg, policy, tokenizer), policy, ref, _exact_match(), prompts)
     assert torch.equal(rollout.input_ids, expected.input_ids), "same seed, same samples"
     mask = expected.completion_mask.bool()
     torch.testing.assert_close(rollout.old_logps[mask], expected.sampling_logps[mask], rtol=0, atol=2e-5)

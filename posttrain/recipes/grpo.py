@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from posttrain import distributed
 from posttrain.data import prompt_examples, read_rows
 from posttrain.evaluation import probe_from_config
 from posttrain.losses import (
@@ -37,7 +38,7 @@ from posttrain.losses import (
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 from posttrain.rewards import RewardSources
-from posttrain.rollout import GroupRollout, generate
+from posttrain.rollout import GroupRollout, build_engine
 from posttrain.training import StatsWindow, autocast, finish, rl_total_steps, run_rl, setup_run, trainable_parameters
 
 
@@ -49,35 +50,39 @@ def group_filter(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_rollout(cfg, policy, ref, tokenizer, rewards, prompts) -> tuple[GroupRollout | None, dict]:
+def make_rollout(cfg, engine, policy, ref, rewards, prompts) -> tuple[GroupRollout | None, dict]:
     """Steps 1-3: sample G completions per prompt, score, group advantages, caches."""
     G = cfg.num_generations
-    gen = generate(policy, tokenizer, [p.prompt_ids for p in prompts], cfg.max_completion_length, cfg.temperature,
-                   num_return_sequences=G, top_k=cfg.top_k)
+    gen = engine.generate([p.prompt_ids for p in prompts], num_return_sequences=G)
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     texts = [p.prompt_text for p in prompts for _ in range(G)]
     extras = [p.extra for p in prompts for _ in range(G)]
     scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in prompts for _ in range(G)])
     scores = scores.to(mask.device)
-    advantages = group_advantages(scores, G, cfg.scale_rewards)
+    # group statistics over the global batch: gather every rank's scores (groups never span ranks), keep ours
+    all_scores = distributed.all_gather(scores)
+    mine = slice(distributed.rank() * len(scores), (distributed.rank() + 1) * len(scores)) \
+        if distributed.is_distributed() else slice(None)
+    advantages = group_advantages(all_scores, G, cfg.scale_rewards)[mine].to(mask.device)
     keep = group_filter(scores, G)
     stats = {"reward": scores.mean(), "reward_std": scores.view(-1, G).std(1).mean(),
              "frac_reward_zero_std": 1 - keep.float().mean(), "completion_length": mask.sum(-1).mean(),
              "truncated_ratio": gen.truncated.float().mean(), **{k: v.mean() for k, v in parts.items()}}
     if cfg.mask_truncated_completions:
         mask = mask * (~gen.truncated).float().unsqueeze(1).to(mask.device)
+    # filtered groups stay in the batch with no tokens that count, so every rank runs the same micro-batches
     rows = keep if cfg.filter_zero_std_groups else torch.ones_like(keep)
-    if not rows.any():
+    if not distributed.any_rank(bool(rows.any())):
         return None, stats
-    index = rows.nonzero().squeeze(1)
-    ids, attn, mask, advantages = gen.input_ids[index], gen.attention_mask[index], mask[index], advantages[index]
+    mask = mask * rows.float().unsqueeze(1)
+    ids, attn = gen.input_ids, gen.attention_mask
     with autocast(cfg.bf16):
         old_logps = token_logps(policy, ids, attn, T, temperature=cfg.temperature) if cfg.num_iterations > 1 else None
         ref_logps = None
         if cfg.beta:
             with reference_mode(policy, ref) as ref_model:
                 ref_logps = token_logps(ref_model, ids, attn, T, temperature=cfg.temperature)
-    return GroupRollout(ids, attn, mask, advantages, old_logps, ref_logps), stats
+    return GroupRollout(ids, attn, mask, advantages * rows, rows, old_logps, ref_logps), stats
 
 
 def grpo_loss(cfg, policy, mb: GroupRollout, T: int, num_tokens: torch.Tensor):
@@ -101,20 +106,33 @@ def grpo_loss(cfg, policy, mb: GroupRollout, T: int, num_tokens: torch.Tensor):
 
 
 def update(cfg, policy, rollout: GroupRollout, optimizer, params, window: StatsWindow) -> None:
-    """num_iterations passes over the rollout, each one optimizer step of accumulated micro-batches."""
+    """num_iterations passes over the rollout, each one optimizer step of accumulated micro-batches.
+
+    Every micro-batch weighs its share of the completions that count over all
+    ranks (the gradient all-reduce averages over ranks, which the world size
+    undoes); dapo's token count is the whole accumulated global batch's.
+    """
     B, T = rollout.mask.shape
     micro = max(1, -(-B // cfg.gradient_accumulation_steps))
-    num_tokens = rollout.mask.sum()  # for dapo: the whole accumulated batch
+    world = distributed.world_size()
+    num_tokens = distributed.all_sum(rollout.mask.sum())  # for dapo
+    counted = distributed.all_sum(rollout.kept.sum()).clamp_min(1)
+    starts = list(range(0, B, micro))
     for _ in range(cfg.num_iterations):
-        for start in range(0, B, micro):
+        step_loss = 0.0
+        for i, start in enumerate(starts):
             mb = rollout.select(torch.arange(start, min(start + micro, B)))
+            distributed.sync_gradients([policy], i == len(starts) - 1)
             with autocast(cfg.bf16):
                 loss, stats = grpo_loss(cfg, policy, mb, T, num_tokens)
-            # dapo already divides by the whole batch's tokens; the others average micro-batch losses
-            weight = 1.0 if cfg.loss_type == "dapo" else mb.mask.shape[0] / B
+            # dapo already divides by the whole batch's tokens; the others (bnpo: a token mean per
+            # micro-batch, as TRL normalises it) weigh by completions
+            weight = world if cfg.loss_type == "dapo" else world * mb.mask.shape[0] / counted
             (loss * weight).backward()
-            window.add({"loss": loss.detach(), **stats})
-        window.add({"grad_norm": clip_and_step(params, optimizer, None, cfg.max_grad_norm)})
+            step_loss = step_loss + loss.detach() * weight
+            window.add(stats)
+        # the loss of the whole global batch (the mean over ranks undoes the world size in the weights)
+        window.add({"loss": step_loss, "grad_norm": clip_and_step(params, optimizer, None, cfg.max_grad_norm)})
 
 
 def main(cfg) -> None:
@@ -129,12 +147,14 @@ def main(cfg) -> None:
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
     probe = probe_from_config(cfg, policy, tokenizer, cfg.max_completion_length)
+    engine = build_engine(cfg, policy, tokenizer)
 
     def rl_step(indices, window, state):  # steps 1-4 of the module docstring, once per rollout batch
-        rollout, stats = make_rollout(cfg, policy, ref, tokenizer, rewards, [prompts[i] for i in indices])
+        rollout, stats = make_rollout(cfg, engine, policy, ref, rewards, [prompts[i] for i in indices])
         window.add(stats)
         if rollout is not None:  # every group filtered out: no signal, no update
             update(cfg, policy, rollout, optimizer, params, window)
+            engine.load_weights(policy)
 
     record = run_rl(cfg, "grpo", steps, len(prompts), {"policy": policy}, optimizer, scheduler, rl_step, probe)
     copies = {"policy": 1, "reference": int(ref is not None), "reward_model": len(rewards.models)}

@@ -23,10 +23,9 @@ fewer, and the value loss reaches the trunk scaled by vf_coef.
 from __future__ import annotations
 
 import torch
-from safetensors.torch import save_model
 from torch import nn
 
-from posttrain import checkpoint
+from posttrain import checkpoint, distributed
 from posttrain.data import prompt_examples, read_rows
 from posttrain.distributed import device
 from posttrain.evaluation import probe_from_config
@@ -51,7 +50,7 @@ from posttrain.models import (
 )
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 from posttrain.rewards import RewardSources
-from posttrain.rollout import Rollout, generate
+from posttrain.rollout import Rollout, build_engine
 from posttrain.training import StatsWindow, autocast, finish, rl_total_steps, run_rl, setup_run, trainable_parameters
 
 
@@ -87,10 +86,9 @@ def actor_critic_forward(actor, critic, value_head, ids, attention_mask, T: int,
 
 
 @torch.no_grad()
-def make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, prompts, kl_coef: float) -> tuple[Rollout, dict]:
+def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, kl_coef: float) -> tuple[Rollout, dict]:
     """Steps 1-4: sample, score once, shape per-token rewards, GAE."""
-    gen = generate(actor, tokenizer, [p.prompt_ids for p in prompts], cfg.max_completion_length, cfg.temperature,
-                   top_k=cfg.top_k)
+    gen = engine.generate([p.prompt_ids for p in prompts])
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     with autocast(cfg.bf16):
         old_logps, _, values = actor_critic_forward(actor, critic, value_head, gen.input_ids, gen.attention_mask, T,
@@ -113,7 +111,7 @@ def make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, prompt
     values = values * mask
     advantages, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, mask, reduce=distributed.all_sum)  # over the global batch
     rollout = Rollout(gen.input_ids, gen.attention_mask, mask, old_logps, ref_logps, values, advantages, returns,
                       scores)
     stats = {"reward": scores.mean(), "reward_std": scores.std() if len(scores) > 1 else torch.tensor(0.0),
@@ -128,17 +126,25 @@ def ppo_epochs(cfg, actor, critic, value_head, rollout: Rollout, optimizer, para
 
     Each mini-batch (B / num_mini_batches rollouts, exact: the config checks
     it divides) is one optimizer step, accumulated over
-    gradient_accumulation_steps equal micro-batches.
+    gradient_accumulation_steps equal micro-batches. Each micro-batch's token
+    means weigh by its share of the mini-batch's completion tokens over every
+    rank, so the step's loss is the token mean of the whole (global)
+    mini-batch whatever the split.
     """
     B, T = rollout.mask.shape
+    trained = [m for m in (actor, critic, value_head) if m is not None]
     mini = max(1, B // cfg.num_mini_batches)  # exact for full batches: the config checks divisibility
     micro = max(1, mini // cfg.gradient_accumulation_steps)
     for _ in range(cfg.num_ppo_epochs):
         order = torch.randperm(B)
         for start in range(0, B - mini + 1, mini):
-            approx_kl = 0.0
-            for chunk in order[start:start + mini].split(micro):
-                mb, weight = rollout.select(chunk), len(chunk) / mini
+            approx_kl, step_loss = 0.0, 0.0
+            chunks = order[start:start + mini].split(micro)
+            tokens = distributed.all_sum(rollout.mask[order[start:start + mini]].sum()).clamp_min(1)
+            for i, chunk in enumerate(chunks):
+                mb = rollout.select(chunk)
+                weight = distributed.world_size() * mb.mask.sum() / tokens
+                distributed.sync_gradients(trained, i == len(chunks) - 1)
                 with autocast(cfg.bf16):
                     logps, entropy, values = actor_critic_forward(actor, critic, value_head, mb.input_ids,
                                                                   mb.attention_mask, T, entropy_grad=cfg.entropy_coef > 0,
@@ -148,13 +154,15 @@ def ppo_epochs(cfg, actor, critic, value_head, rollout: Rollout, optimizer, para
                     mean_entropy = masked_mean(entropy, mb.mask)
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
                 (loss * weight).backward()
-                approx_kl += pg_stats["approx_kl"] * weight
-                window.add({"loss": loss.detach(), "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                approx_kl += pg_stats["approx_kl"] * weight / distributed.world_size()
+                step_loss = step_loss + loss.detach() * weight
+                window.add({"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
                             "entropy": mean_entropy.detach(), "clip_ratio": pg_stats["clip_ratio"],
                             "approx_kl": pg_stats["approx_kl"],
                             "explained_variance": explained_variance(values.detach(), mb.returns, mb.mask)})
-            window.add({"grad_norm": clip_and_step(params, optimizer, None, cfg.max_grad_norm)})
-            if cfg.target_kl and float(approx_kl) > cfg.target_kl:
+            window.add({"loss": step_loss, "grad_norm": clip_and_step(params, optimizer, None, cfg.max_grad_norm)})
+            # every rank stops together, on the KL of the whole mini-batch
+            if cfg.target_kl and float(distributed.all_sum(torch.as_tensor(approx_kl))) > cfg.target_kl:
                 window.add({"early_stop": 1.0})
                 return
 
@@ -167,12 +175,13 @@ def main(cfg) -> None:
     rewards = RewardSources.from_config(cfg, tokenizer)
     critic, value_head = None, None
     if cfg.critic == "shared":
-        value_head = ValueHead(actor.config.hidden_size).to(device())
+        value_head = distributed.wrap(ValueHead(actor.config.hidden_size).to(device()), cfg.fsdp, cfg.bf16)
     else:
         init = cfg.critic_model_name_or_path or cfg.reward_model_name_or_path or cfg.model_name_or_path
         critic = load_scalar_model(init, "critic_model_name_or_path")
         if cfg.disable_dropout:
             disable_dropout(critic)
+        critic = distributed.wrap(critic, cfg.fsdp, cfg.bf16)
     value_module = value_head if value_head is not None else critic
     actor_params = [p for _, p in trainable_parameters(actor)]
     optimizer = build_optimizer(trainable_parameters(actor), cfg.learning_rate, cfg.weight_decay)
@@ -183,15 +192,18 @@ def main(cfg) -> None:
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
     probe = probe_from_config(cfg, actor, tokenizer, cfg.max_completion_length)
+    engine = build_engine(cfg, actor, tokenizer)
 
     def rl_step(indices, window, state):  # steps 1-5 of the module docstring, once per rollout batch
         batch = [prompts[i] for i in indices]
-        rollout, stats = make_rollout(cfg, actor, ref, critic, value_head, tokenizer, rewards, batch, state["kl_coef"])
+        rollout, stats = make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, batch, state["kl_coef"])
         window.add(stats)
         ppo_epochs(cfg, actor, critic, value_head, rollout, optimizer, params, window)
-        if cfg.target_kl_coef:
-            state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], float(stats["kl"]), cfg.target_kl_coef, len(batch),
-                                                cfg.kl_horizon)
+        engine.load_weights(actor)
+        if cfg.target_kl_coef:  # the controller sees the whole global batch's KL
+            kl = float(distributed.all_mean(stats["kl"]))
+            state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], kl, cfg.target_kl_coef,
+                                                len(batch) * distributed.world_size(), cfg.kl_horizon)
 
     record = run_rl(cfg, "ppo", steps, len(prompts), {"actor": actor, "critic": value_module}, optimizer, scheduler,
                     rl_step, probe, state={"kl_coef": cfg.kl_coef})
@@ -210,5 +222,4 @@ def save_critic(cfg, critic, value_head, tokenizer) -> None:
     if critic is not None:
         checkpoint.save_pretrained(critic, tokenizer, target)
     else:  # shared: the trunk is the actor's; only the head is the critic's own
-        target.mkdir(parents=True, exist_ok=True)
-        save_model(value_head, str(target / "value_head.safetensors"))
+        checkpoint.save_module_file(value_head, target / "value_head.safetensors")

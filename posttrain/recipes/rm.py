@@ -19,8 +19,9 @@ import torch
 
 from posttrain.data import collate_preferences, preference_examples, read_rows
 from posttrain.distributed import device
+from posttrain.errors import UserError
 from posttrain.losses import reward_model_loss
-from posttrain.models import disable_dropout, load_scalar_model, load_tokenizer, sequence_scores
+from posttrain.models import disable_dropout, load_scalar_model, load_tokenizer, prepare_for_training, sequence_scores
 from posttrain.training import autocast, finish, fit, setup_run
 
 PAD_TOKEN = "<|pad|>"  # added only when the tokenizer's pad would otherwise be its EOS
@@ -97,13 +98,15 @@ def main(cfg) -> None:
     # 1. run set-up; the trunk comes from the policy folder, the scalar head starts at 0
     setup_run(cfg)
     train_rows, eval_rows = split_pairs(cfg, read_rows(cfg.dataset_name))
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path)
     model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path")
     if cfg.disable_dropout:  # chosen and rejected are scored by the same deterministic function
         disable_dropout(model)
     use_distinct_pad(model, tokenizer)
-    if cfg.gradient_checkpointing:  # LoRA is not offered for reward models: the scalar head needs the full trunk
-        model.activation_checkpointing_enable()
+    if cfg.use_peft:  # never silently train every weight when adapters were asked for
+        raise UserError("use_peft: LoRA is not offered for reward models yet (the scalar head needs the full trunk); "
+                        "drop --use_peft")
+    model = prepare_for_training(model, cfg)  # checkpointing, then DDP / FSDP2 under torchrun
 
     # 2. tokenise the pairs
     train = preference_examples(train_rows, tokenizer, cfg.max_length, cfg.max_prompt_length)

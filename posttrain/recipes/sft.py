@@ -42,7 +42,7 @@ def main(cfg) -> None:
     setup_run(cfg)
     rows = read_rows(cfg.dataset_name)
     model_path = prepare_model(cfg.model_name_or_path, cfg, lambda: corpus_of(rows))
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, chat_template_path=cfg.chat_template_path)
     model = prepare_for_training(load_causal_lm(model_path), cfg)
 
     # 2. tokenise once; batches are collated on the fly with dynamic padding

@@ -306,6 +306,7 @@ def test_ppo_with_dropout_config_has_zero_kl_and_unit_ratio_at_init(tmp_path, ti
     from posttrain.data import prompt_examples, read_rows
     from posttrain.models import load_policy_and_reference
     from posttrain.rewards import RewardSources
+    from posttrain.rollout import build_engine
 
     model_dir = _dropout_copy(tiny_qwen, tmp_path / "model")
     cfg = load_config("ppo", None, {**{k: str(v) for k, v in base_fields(model_dir, arith_data).items()},
@@ -315,7 +316,8 @@ def test_ppo_with_dropout_config_has_zero_kl_and_unit_ratio_at_init(tmp_path, ti
     prompts = prompt_examples(read_rows(str(arith_data["prompts"]))[:16], tokenizer, 64)
     head = ppo_recipe.ValueHead(actor.config.hidden_size)
     torch.manual_seed(0)
-    rollout, stats = ppo_recipe.make_rollout(cfg, actor, ref, None, head, tokenizer, RewardSources.from_config(cfg, tokenizer),
+    engine = build_engine(cfg, actor, tokenizer)
+    rollout, stats = ppo_recipe.make_rollout(cfg, engine, actor, ref, None, head, RewardSources.from_config(cfg, tokenizer),
                                              prompts, cfg.kl_coef)
     assert float(stats["kl"]) == 0.0
     T = rollout.mask.shape[1]

@@ -1,0 +1,183 @@
+"""Real torchrun processes on CPU (gloo): N ranks equal one process for the same global batch.
+
+For sft, rm and dpo, 2 ranks x batch b end with the same weights as 1 process x
+batch 2b, under DDP and FSDP2. PPO and GRPO compare the same way with a rollout
+engine of fixed completions (tests/distributed/fixed_engine.py), so the test
+checks the distributed update itself: whitening, group statistics, token
+counts, KL control. Checkpoints resume 2 -> 1 and 1 -> 2 from FSDP2 and whole
+checkpoints, and real sampling runs under FSDP2 without deadlock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.metrics import read_metrics
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+TOLERANCE = 1e-5
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+
+
+def launch(jobs: list[list[str]], workdir: Path, nproc: int, timeout: int = 600) -> None:
+    """Run ``jobs`` in one process (nproc 1) or under torchrun with ``nproc`` ranks."""
+    spec = workdir / f"jobs-{len(list(workdir.glob('jobs-*')))}.json"
+    spec.write_text(json.dumps(jobs))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), str(REPO / "tests" / "recipes")]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    runner = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 f"--nproc_per_node={nproc}"]
+    done = subprocess.run([*runner, str(HERE / "drive.py"), str(spec)], capture_output=True, text=True, env=env,
+                          cwd=workdir, timeout=timeout)
+    if done.returncode:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
+        raise AssertionError(f"{nproc}-process run failed ({done.returncode}):\n{tail}")
+
+
+def stage_jobs(root: Path, model: Path, data: dict, per_device: int, extra: list[str]) -> list[list[str]]:
+    """One command per stage; ``per_device`` rows (pairs, prompts) per rank."""
+    common = ["--model_name_or_path", str(model), "--num_threads", "1", "--progress", "false", "--seed", "0",
+              "--logging_steps", "1", "--learning_rate", "1e-4", *extra]
+    rl = ["--dataset_name", str(data["prompts"]), "--rollout_engine", "fixed_engine:fixed_completions",
+          "--reward_funcs", "fixed_engine:length_reward", "--max_completion_length", "5", "--max_steps", "2",
+          "--save_steps", "1"]
+    return [
+        ["sft", *common, "--dataset_name", str(data["sft"]), "--per_device_train_batch_size", str(per_device),
+         "--gradient_accumulation_steps", "2", "--max_steps", "3", "--save_steps", "2", "--output_dir", str(root / "sft")],
+        ["rm", *common, "--dataset_name", str(data["preference"]), "--eval_split", "0", "--max_steps", "3",
+         "--per_device_train_batch_size", str(per_device), "--output_dir", str(root / "rm")],
+        ["dpo", *common, "--dataset_name", str(data["preference"]), "--max_steps", "3", "--save_steps", "2",
+         "--per_device_train_batch_size", str(per_device), "--output_dir", str(root / "dpo")],
+        ["ppo", *common, *rl, "--per_device_train_batch_size", str(per_device), "--num_ppo_epochs", "2",
+         "--target_kl_coef", "0.5", "--output_dir", str(root / "ppo")],
+        ["grpo", *common, *rl, "--per_device_train_batch_size", str(per_device // 2), "--num_generations", "4",
+         "--scale_rewards", "batch", "--loss_type", "dapo", "--num_iterations", "2", "--output_dir", str(root / "grpo")],
+    ]
+
+
+def first_lines(src: Path, dest: Path, n: int) -> Path:
+    dest.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_qwen, arith_data):
+    """1 process x batch 8, and 2 ranks x batch 4 under DDP and under FSDP2, for every stage."""
+    root = tmp_path_factory.mktemp("torchrun")
+    data = {k: first_lines(arith_data[k], root / f"{k}.jsonl", 48) for k in ("sft", "preference", "prompts")}
+    launch(stage_jobs(root / "one", tiny_qwen, data, 8, []), root, 1)
+    launch(stage_jobs(root / "ddp", tiny_qwen, data, 4, []), root, 2)
+    fsdp = stage_jobs(root / "fsdp", tiny_qwen, data, 4, ["--fsdp", "true"])
+    # real sampling under FSDP2: ranks finish generating at different lengths and must not deadlock
+    fsdp.append(["grpo", "--model_name_or_path", str(tiny_qwen), "--dataset_name", str(data["prompts"]),
+                 "--num_threads", "1", "--progress", "false", "--max_steps", "2", "--per_device_train_batch_size", "2",
+                 "--logging_steps", "1",
+                 "--num_generations", "2", "--max_completion_length", "8", "--fsdp", "true",
+                 "--reward_funcs", "fixed_engine:length_reward", "--output_dir", str(root / "sampled_grpo")])
+    # FSDP2 composes with LoRA and activation checkpointing
+    fsdp.append(["dpo", "--model_name_or_path", str(tiny_qwen), "--dataset_name", str(data["preference"]),
+                 "--num_threads", "1", "--progress", "false", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                 "--logging_steps", "1", "--fsdp", "true", "--use_peft", "true", "--lora_r", "4",
+                 "--gradient_checkpointing", "true", "--learning_rate", "1e-2", "--output_dir", str(root / "lora_dpo")])
+    launch(fsdp, root, 2)
+    return {"root": root, "model": tiny_qwen, "data": data}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def max_difference(a: Path, b: Path, same_keys: bool = True) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() or not same_keys
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa.keys() & wb.keys())
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_equal_one_process(runs, stage, mode):
+    one, many = runs["root"] / "one" / stage, runs["root"] / mode / stage
+    before = max_difference(one, Path(runs["model"]), same_keys=False)
+    if stage == "rm":  # the scalar head starts at 0
+        before = max(before, float(weights(one)["score.weight"].abs().max()))
+    assert before > 10 * TOLERANCE, "the run must have moved the weights for the comparison to mean anything"
+    assert max_difference(one, many) <= TOLERANCE
+    if stage == "ppo":
+        assert max_difference(one / "critic", many / "critic") <= TOLERANCE
+    # one metrics line per logged step, whatever the number of ranks, with the same values
+    lines_one, lines_many = read_metrics(one / "metrics.jsonl"), read_metrics(many / "metrics.jsonl")
+    assert [r["step"] for r in lines_many] == [r["step"] for r in lines_one] == list(range(1, len(lines_one) + 1))
+    # the logged loss is the global batch's, not a rank's
+    for a, b in zip(lines_one, lines_many):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_fsdp_checkpoint_is_sharded_and_holds_no_pickle(runs):
+    ckpt = runs["root"] / "fsdp" / "dpo" / "checkpoint-2"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"model", "optimizer", "optimizer.json", "rng-0.json", "rng-1.json", "manifest.json"} <= names
+    shards = sorted(p.name for p in (ckpt / "model").iterdir())
+    assert len(shards) == 2 and all(n.endswith(".safetensors") for n in shards)
+    assert not [p for p in ckpt.rglob("*") if p.is_file() and p.suffix in (".pt", ".bin", ".pkl", ".metadata")]
+
+
+def test_real_sampling_under_fsdp_completes(runs):
+    out = runs["root"] / "sampled_grpo"
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_fsdp_with_lora_and_checkpointing_trains_adapters_and_saves_merged_weights(runs):
+    from transformers import AutoModelForCausalLM
+
+    out = runs["root"] / "lora_dpo"
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert not any("lora" in k for k in merged), "the adapters are merged into plain weights"
+    moved = max_difference(out, Path(runs["model"]))
+    assert moved > 1e-4, "the merged adapters changed the weights"
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_resume_across_world_sizes(runs, stage):
+    """2 -> 1 from an FSDP2 checkpoint and 1 -> 2 (FSDP2) from a whole one end like the uninterrupted run."""
+    root, data = runs["root"], runs["data"]
+    one_job = stage_jobs(root / "resumed_2to1", runs["model"], data, 8, [])[STAGES.index(stage)]
+    one_job += ["--resume_from_checkpoint", str(root / "fsdp" / stage / "checkpoint-2")]
+    launch([one_job], root, 1)
+    many_job = stage_jobs(root / "resumed_1to2", runs["model"], data, 4, ["--fsdp", "true"])[STAGES.index(stage)]
+    many_job += ["--resume_from_checkpoint", str(root / "one" / stage / "checkpoint-2")]
+    launch([many_job], root, 2)
+    for resumed in ("resumed_2to1", "resumed_1to2"):
+        assert max_difference(root / "one" / stage, root / resumed / stage) <= TOLERANCE, resumed
+        assert [r["step"] for r in read_metrics(root / resumed / stage / "metrics.jsonl")] == [3]
+
+
+def test_torchrun_dpo_command_line(tmp_path, tiny_qwen, arith_data):
+    """`torchrun -m posttrain dpo` on the demo's pair data: one metrics line per logged step, a loadable model."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    pairs = first_lines(arith_data["preference"], tmp_path / "pairs.jsonl", 64)
+    out = tmp_path / "dpo"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "posttrain", "dpo", "--model_name_or_path", str(tiny_qwen), "--dataset_name", str(pairs),
+                           "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "2",
+                           "--per_device_train_batch_size", "4", "--num_threads", "1", "--progress", "false"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [2, 4]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
