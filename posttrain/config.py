@@ -63,6 +63,12 @@ class CommonConfig:
     """Keep at most this many checkpoints (oldest deleted first)."""
     resume_from_checkpoint: str = ""
     """A checkpoint-STEP folder, or `latest` for the newest one in output_dir."""
+    overwrite_output_dir: bool = False
+    """Allow an output_dir that holds another run's checkpoints or final model (they are replaced)."""
+    max_nonfinite_steps: int = 10
+    """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
+    allow_pickle: bool = False
+    """Load model folders whose weights are pickle files (pytorch_model.bin); only for folders you trust."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower on tiny models)."""
     bf16: bool = False
@@ -156,6 +162,10 @@ class RewardConfig:
     """A trained reward model folder, added to the reward sources (scored on prompt + completion)."""
     reward_clip: float = 3.0
     """Clip the summed sequence reward to [-reward_clip, reward_clip] (0 disables)."""
+    reward_on_error: str = "raise"
+    """A reward function that fails or returns a non-number for a row: `raise`, or a number to score that row with."""
+    reward_timeout_s: float = 0.0
+    """Report a reward function or model that takes longer than this many seconds per batch (0: no limit)."""
 
 
 @dataclass
