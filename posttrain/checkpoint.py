@@ -218,6 +218,8 @@ def save_checkpoint(output_dir: str, step: int, modules: dict, optimizers: dict,
     """
     final = Path(output_dir) / f"{PREFIX}{step}"
     sharded = any(distributed.is_sharded(m) for m in modules.values())
+    for name, module in modules.items():
+        check_finite(module, f"checkpoint-{step} ({name})")
 
     def write(tmp: Path) -> None:
         for name, module in modules.items():
@@ -237,9 +239,14 @@ def save_checkpoint(output_dir: str, step: int, modules: dict, optimizers: dict,
     _write_atomic(final, write)
     if total_limit > 0 and distributed.is_main():
         for old in list_checkpoints(output_dir)[:-total_limit]:
-            _remove(old)
+            remove_checkpoint(old)
     distributed.barrier()
     return final
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint by rename-then-delete, so `latest` never sees it half deleted."""
+    _remove(folder)
 
 
 def list_checkpoints(output_dir: str) -> list[Path]:
@@ -307,8 +314,18 @@ def load_checkpoint(path: Path, modules: dict, optimizers: dict) -> dict:
     return _read_json(path / "trainer_state.json")
 
 
+def check_finite(module: nn.Module, what: str) -> None:
+    """Refuse to save weights that hold NaN or inf (on every rank's shard: the decision is shared)."""
+    bad = any(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in module.parameters())
+    if distributed.any_rank(bad):
+        from posttrain.training import TrainingStopped
+
+        raise TrainingStopped(f"{what} has non-finite weights and was not saved; lower learning_rate or check the data")
+
+
 def save_module_file(module: nn.Module, path: Path) -> None:
     """One module's full weights as a safetensors file, written by rank 0 (gathered first under FSDP2)."""
+    check_finite(module, str(path))
     state = None
     if distributed.is_sharded(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -349,12 +366,12 @@ def save_pretrained(model, tokenizer, output_dir: str | Path, replica=None) -> N
     unsharded copy of the model that rank 0 builds to load it into.
     """
     output_dir = Path(output_dir)
+    check_finite(model, "the final model")
     state = None
     if distributed.is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        state = {k: v for k, v in state.items() if k not in _tied_names(model)}
     if not distributed.is_main():
         distributed.barrier()
         return
@@ -362,6 +379,8 @@ def save_pretrained(model, tokenizer, output_dir: str | Path, replica=None) -> N
         model = replica()
         model.load_state_dict(state)
         state = None
+    elif state is not None:  # a tied head is the embedding under a second name: stored once, as transformers does
+        state = {k: v for k, v in state.items() if k not in _tied_names(model)}
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)

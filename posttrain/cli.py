@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import os
 import sys
@@ -40,11 +41,57 @@ STAGE_HELP = {
 }
 
 
-def _stage_parser(sub, stage: str) -> None:
+class Parser(argparse.ArgumentParser):
+    """argparse with prefix abbreviations off (`--learning` is not `--learning_rate`) and every
+    error a UserError: one line on stderr, exit 2 (``--help`` still prints and exits 0)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False  # subparsers are made by this class too
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {' '.join(message.split())}")
+
+
+def _unknown_args(parser: argparse.ArgumentParser, command: str, extras: list[str]) -> str:
+    """The message for arguments no parser took: the first unknown flag, with the closest valid one."""
+    import difflib
+
+    flags = [e for e in extras if e.startswith("-") and e.lstrip("-") and not _is_number(e)]
+    if not flags:
+        return f"posttrain {command}: unexpected argument {extras[0]!r}"
+    name = flags[0].lstrip("-").split("=", 1)[0]
+    if command in STAGES:
+        from posttrain.config import unknown_field_message
+
+        return unknown_field_message(command, name, also=("config",))
+    options = [o for o in parser.commands[command]._option_string_actions if o.startswith("--")]
+    match = difflib.get_close_matches(f"--{name}", options, n=1)
+    hint = f"; did you mean {match[0]}?" if match else f" (see posttrain {command} --help)"
+    return f"{flags[0].split('=', 1)[0]}: unknown option for posttrain {command}{hint}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _field_docs(stage: str) -> dict[str, str]:
+    """The --help text of a stage's fields (read from the source once per process: it is the slow part of the parser)."""
     from posttrain.config import STAGE_CONFIGS, field_docs
 
+    return field_docs(STAGE_CONFIGS[stage])
+
+
+def _stage_parser(sub, stage: str) -> None:
+    from posttrain.config import STAGE_CONFIGS
+
     cls = STAGE_CONFIGS[stage]
-    docs = field_docs(cls)
+    docs = _field_docs(stage)
     parser = sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
     parser.add_argument("--config", help="YAML file of field: value (flags override it)")
     for f in dataclasses.fields(cls):
@@ -54,8 +101,9 @@ def _stage_parser(sub, stage: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for causal language models.")
+    parser = Parser(prog="posttrain", description="Post-training for causal language models.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # command -> its parser (for the unknown-flag message)
     for stage in STAGES:
         _stage_parser(sub, stage)
 
@@ -106,13 +154,18 @@ def _split_stage_args(args: argparse.Namespace) -> tuple[str | None, dict]:
 
 
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        raise UserError(_unknown_args(parser, args.command, extras))
     if args.command in STAGES:
-        from posttrain import distributed
         from posttrain.config import load_config
 
         config_file, overrides = _split_stage_args(args)
-        cfg = load_config(args.command, config_file, overrides)
+        # every value, file and folder is checked before torch is imported or anything is written
+        cfg = load_config(args.command, config_file, overrides, check_paths=True)
+        from posttrain import distributed
+
         recipe = importlib.import_module(f"posttrain.recipes.{args.command}")
         with distributed.process_group():  # torchrun: one group for the whole run, destroyed also on error
             recipe.main(cfg)
@@ -144,8 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except UserError as err:
-        print(f"posttrain: error: {err}", file=sys.stderr)
+        message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever the input held
+        print(f"posttrain: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("posttrain: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the training loop's own stops: one line, no traceback
+        from posttrain.training import Interrupted, TrainingStopped
+
+        if isinstance(err, Interrupted):
+            print(f"posttrain: {err}", file=sys.stderr)
+            return err.exit_code
+        if isinstance(err, TrainingStopped):
+            print(f"posttrain: error: {err}", file=sys.stderr)
+            return 1
+        raise

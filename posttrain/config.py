@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
+import functools
 import inspect
+import math
+import os
 import textwrap
 import types
 import typing
@@ -280,9 +284,19 @@ def _field_type(cls, name: str):
     return hint
 
 
+@functools.lru_cache(maxsize=None)
+def _kinds(cls) -> dict:
+    """field -> its type (str, int, float, bool or list), resolved once per class."""
+    return {f.name: _field_type(cls, f.name) for f in dataclasses.fields(cls)}
+
+
 def coerce(cls, name: str, value, source: str):
-    """Convert a YAML or command-line value to the field's type, or raise UserError."""
-    kind = _field_type(cls, name)
+    """Convert a YAML or command-line value to the field's type, or raise UserError.
+
+    Command-line values are strings; YAML values keep their YAML type, which must fit
+    the field: no bool for an int or float, no fraction for an int, no list for a string.
+    """
+    kind = _kinds(cls)[name]
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -294,15 +308,54 @@ def coerce(cls, name: str, value, source: str):
                 return False
             raise ValueError
         if kind is list or typing.get_origin(kind) is list:
-            if isinstance(value, list):
+            return _coerce_list(name, value, source)
+        if kind is str:
+            if isinstance(value, str):
                 return value
-            items = [v.strip() for v in str(value).split(",") if v.strip()]
-            return [_number_or_str(v) for v in items]
-        if kind is int and isinstance(value, float) and not value.is_integer():
+            if name in _NUMBER_STRINGS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
             raise ValueError
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{source}: field {name!r} expects {kind.__name__}, got {value!r}") from None
+
+
+# str fields whose value may be a number (YAML `reward_on_error: 0` is the string "0")
+_NUMBER_STRINGS = ("reward_on_error",)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _coerce_list(name: str, value, source: str) -> list:
+    """A list field from a YAML list, or from `a,b,c` (a flag, or a YAML string); items checked by kind."""
+    if isinstance(value, list):
+        items, shown = list(value), repr
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        items, shown = [v.strip() for v in str(value).split(",") if v.strip()], str
+    else:
+        raise UserError(f"{source}: field {name!r} expects a list, got {value!r}")
+    out = []
+    for item in items:
+        if name == "reward_funcs":
+            if not isinstance(item, str) or _number_or_str(item) != item:
+                raise UserError(f"{source}: field {name!r}: {shown(item)} is not a reward name")
+            out.append(item)
+        elif name == "reward_weights":
+            number = _number_or_str(item) if isinstance(item, str) else item
+            if not _is_number(number) or not math.isfinite(number):
+                raise UserError(f"{source}: field {name!r}: {shown(item)} is not a finite number")
+            out.append(float(number))
+        else:
+            out.append(_number_or_str(item) if isinstance(item, str) else item)
+    return out
 
 
 def _number_or_str(text: str):
@@ -312,44 +365,91 @@ def _number_or_str(text: str):
         return text
 
 
-def load_config(stage: str, config_file: str | None, overrides: dict[str, str]):
-    """Build a stage's config: dataclass defaults, then YAML, then flags."""
+def load_config(stage: str, config_file: str | None, overrides: dict[str, str], check_paths: bool = False):
+    """Build a stage's config: dataclass defaults, then YAML, then flags; then ``validate`` it.
+
+    Each given field remembers where it came from (``file.yaml:LINE`` or ``--field``), so
+    every message names it. ``check_paths`` (the command line) also checks the files and
+    folders the run reads and writes, before anything is written.
+    """
     cls = STAGE_CONFIGS[stage]
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {}
+    values, sources = {}, {}
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise UserError(f"{config_file}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise UserError(f"{config_file}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"{config_file}: expected a mapping of field: value")
-        lines = _yaml_key_lines(path)
+        loaded, lines = _read_yaml(config_file)
         for key, value in loaded.items():
-            where = f"{config_file}:{lines.get(key, 1)}"
+            where = f"{config_file}:{lines.get(str(key), 1)}"
             if key not in names:
-                raise UserError(f"{where}: unknown field {key!r} for `posttrain {stage}`")
-            values[key] = coerce(cls, key, value, where)
+                raise UserError(unknown_field_message(stage, key, where))
+            values[key], sources[key] = coerce(cls, key, value, where), where
     for key, value in overrides.items():
         if key not in names:
-            raise UserError(f"--{key}: unknown field for `posttrain {stage}` (see --help)")
-        values[key] = coerce(cls, key, value, f"--{key}")
+            raise UserError(unknown_field_message(stage, key))
+        values[key], sources[key] = coerce(cls, key, value, f"--{key}"), f"--{key}"
     cfg = cls(**values)
-    validate(stage, cfg)
+    validate(stage, cfg, sources, check_paths=check_paths)
     return cfg
 
 
-def _yaml_key_lines(path: Path) -> dict[str, int]:
-    lines = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line and not line[0].isspace() and ":" in line and not line.startswith("#"):
-            lines.setdefault(line.split(":", 1)[0].strip(), number)
+def _read_yaml(config_file: str) -> tuple[dict, dict[str, int]]:
+    """The --config file's mapping and each top-level key's line; every problem is one UserError line."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise UserError(f"{config_file}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{config_file}: cannot read the config file ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{config_file}:{line}: the config file is not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    try:
+        loaded = yaml.safe_load(text)
+        lines = _yaml_key_lines(text, config_file)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise UserError(f"{config_file}{where}: invalid YAML ({problem})") from None
+    if loaded is None:
+        return {}, {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{config_file}: expected a mapping of field: value, got a YAML {type(loaded).__name__}")
+    return loaded, lines
+
+
+def _yaml_key_lines(text: str, config_file: str = "") -> dict[str, int]:
+    """The line of each top-level key of a YAML mapping (from the parser's marks, so any YAML layout works);
+    a key given twice is an error (YAML would silently keep the last one)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    lines: dict = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            if key.value in lines and key.value != "<<":
+                raise UserError(f"{config_file}:{key.start_mark.line + 1}: field {key.value!r} is given twice "
+                                f"(first on line {lines[key.value]})")
+            lines[key.value] = key.start_mark.line + 1
     return lines
+
+
+def unknown_field_message(stage: str, key, where: str | None = None, also: tuple = ()) -> str:
+    """`--key: unknown field ...` (a flag) or `where: unknown field 'key' ...` (YAML), with the closest
+    valid field (or name in ``also``, e.g. the `config` flag)."""
+    names = [f.name for f in dataclasses.fields(STAGE_CONFIGS[stage])] + list(also)
+    text = str(key)
+    match = difflib.get_close_matches(text, names, n=1)
+    flag = where is None
+    head = f"--{text}: unknown field for posttrain {stage}" if flag else f"{where}: unknown field {text!r} for posttrain {stage}"
+    if match:
+        return f"{head}; did you mean {'--' if flag else ''}{match[0]}?"
+    owners = [s for s, c in STAGE_CONFIGS.items() if text in {f.name for f in dataclasses.fields(c)}]
+    if owners:
+        return f"{head} (it is a field of posttrain {' / '.join(owners)})"
+    return f"{head} (see posttrain {stage} --help)"
 
 
 _CHOICES = {
@@ -362,37 +462,181 @@ _CHOICES = {
 _LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo")}
 
 
-def validate(stage: str, cfg) -> None:
-    """Reject impossible values up front with the field's name; fill in defaults that depend on others."""
+def _ge(low):
+    return lambda v, cfg: v >= low, f">= {low}"
+
+
+def _gt(low):
+    return lambda v, cfg: v > low, f"> {low}"
+
+
+def _within(low, high, closed_high: bool = False):
+    """[low, high) or, with closed_high, [low, high]."""
+    if closed_high:
+        return lambda v, cfg: low <= v <= high, f"in [{low}, {high}]"
+    return lambda v, cfg: low <= v < high, f"in [{low}, {high})"
+
+
+def _open(low, high):
+    return lambda v, cfg: low < v < high, f"in ({low}, {high})"
+
+
+def _raise_or_number(value, cfg) -> bool:
+    if value.strip().lower() == "raise":
+        return True
+    number = _number_or_str(value.strip())
+    return isinstance(number, float) and math.isfinite(number)
+
+
+# The valid range of every numeric field (and reward_on_error): field -> (predicate(value, cfg), "must be ...");
+# a dict of stage -> rule where the stages differ. Rules of fields that depend on another field read it from cfg.
+_RANGES: dict = {
+    "seed": (lambda v, cfg: 0 <= v < 2**32, "in [0, 2**32)"),
+    "learning_rate": _gt(0),
+    "critic_learning_rate": _ge(0),
+    "weight_decay": _ge(0),
+    "warmup_ratio": _within(0, 1),
+    "per_device_train_batch_size": _ge(1),
+    "gradient_accumulation_steps": _ge(1),
+    "num_train_epochs": _gt(0),
+    "max_steps": (lambda v, cfg: v == -1 or v >= 1, "-1 (from num_train_epochs) or >= 1"),
+    "max_grad_norm": _ge(0),
+    "max_length": _ge(2),
+    "max_prompt_length": (lambda v, cfg: 1 <= v < cfg.max_length, ">= 1 and < max_length ({max_length})"),
+    "logging_steps": _ge(1),
+    "save_steps": _ge(0),
+    "save_total_limit": _ge(0),
+    "max_nonfinite_steps": _ge(1),
+    "lora_r": _ge(1),
+    "lora_alpha": _gt(0),
+    "num_threads": _ge(0),
+    "tiny_num_heads": _ge(1),
+    "tiny_hidden_size": (lambda v, cfg: v >= 1 and cfg.tiny_num_heads >= 1 and v % cfg.tiny_num_heads == 0,
+                         ">= 1 and divisible by tiny_num_heads ({tiny_num_heads})"),
+    "tiny_num_layers": _ge(1),
+    "tiny_intermediate_size": _ge(1),
+    "eval_max_rows": _ge(1),
+    "eval_split": _within(0, 1),
+    "beta": {"dpo": _gt(0), "grpo": _ge(0)},
+    "label_smoothing": _within(0, 0.5),
+    "rpo_alpha": _ge(0),
+    "center_rewards_coefficient": _ge(0),
+    "temperature": _gt(0),
+    "top_k": _ge(0),
+    "max_completion_length": _ge(1),
+    "kl_coef": _ge(0),
+    "target_kl_coef": _ge(0),
+    "kl_horizon": _ge(1),
+    "gamma": _within(0, 1, closed_high=True),
+    "lam": _within(0, 1, closed_high=True),
+    "num_ppo_epochs": _ge(1),
+    "num_mini_batches": _ge(1),
+    "epsilon": _open(0, 1),
+    # the upper clip 1 + epsilon_high has no bound to respect (10 effectively switches it off); 0 means epsilon
+    "epsilon_high": _ge(0),
+    "cliprange_value": _ge(0),
+    "vf_coef": _ge(0),
+    "entropy_coef": _ge(0),
+    "target_kl": _ge(0),
+    "missing_eos_penalty": _ge(0),
+    "reward_clip": _ge(0),
+    "reward_timeout_s": _ge(0),
+    "reward_on_error": (_raise_or_number, "`raise` or a finite number"),
+    "num_generations": (lambda v, cfg: v >= 2, ">= 2 (a group needs a baseline)"),
+    "num_iterations": _ge(1),
+}
+# a rule that reads another field: where that one was given, when this one was not
+_RANGES_READ = {"max_prompt_length": "max_length", "tiny_hidden_size": "tiny_num_heads"}
+# checked only when the user gives the field: the default max_prompt_length (256) is capped by the
+# truncation policy when only max_length is lowered
+_RANGES_WHEN_GIVEN = ("max_prompt_length",)
+
+
+def _field(name: str, sources: dict | None) -> str:
+    """`--name: field 'name'`, `file.yaml:LINE: field 'name'` or `field 'name'`."""
+    where = (sources or {}).get(name)
+    return f"{where}: field {name!r}" if where else f"field {name!r}"
+
+
+def validate(stage: str, cfg, sources: dict | None = None, check_paths: bool = False) -> None:
+    """Reject impossible values up front with the field's name; fill in defaults that depend on others.
+
+    ``sources`` maps each given field to where it was given (``file.yaml:LINE`` or ``--field``);
+    ``check_paths`` also checks the files and folders the run reads and writes (nothing is written here).
+    """
     if stage == "dpo" and not cfg.logps_normalization:
         cfg.logps_normalization = "mean" if cfg.loss_type == "ipo" else "sum"
     for name, valid in _CHOICES.items():
         if hasattr(cfg, name) and getattr(cfg, name) not in valid:
-            raise UserError(f"field {name!r}: {getattr(cfg, name)!r} is not one of {', '.join(valid)}")
+            raise UserError(f"{_field(name, sources)}: {getattr(cfg, name)!r} is not one of {', '.join(valid)}")
     if stage in _LOSS_TYPES and cfg.loss_type not in _LOSS_TYPES[stage]:
-        raise UserError(f"field 'loss_type': {cfg.loss_type!r} is not one of {', '.join(_LOSS_TYPES[stage])}")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"field {name!r} must be >= 1, got {getattr(cfg, name)}")
+        raise UserError(f"{_field('loss_type', sources)}: {cfg.loss_type!r} is not one of {', '.join(_LOSS_TYPES[stage])}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _kinds(type(cfg))[f.name] is float and not math.isfinite(value):
+            raise UserError(f"{_field(f.name, sources)} must be a finite number, got {value!r}")
+    for name, rule in _RANGES.items():
+        if isinstance(rule, dict):
+            rule = rule.get(stage)
+        if rule is None or not hasattr(cfg, name):
+            continue
+        if name in _RANGES_WHEN_GIVEN and sources is not None and name not in sources:
+            continue
+        check, text = rule
+        value = getattr(cfg, name)
+        if not check(value, cfg):
+            if name in _RANGES_READ and name not in (sources or {}) and _RANGES_READ[name] in (sources or {}):
+                sources = {**sources, name: sources[_RANGES_READ[name]]}
+            raise UserError(f"{_field(name, sources)} must be {text.format_map(vars(cfg))}, got {value!r}")
     if not cfg.dataset_name:
         raise UserError(f"field 'dataset_name' is required for `posttrain {stage}`")
-    if stage == "grpo":
-        if cfg.num_generations < 2:
-            raise UserError("field 'num_generations' must be >= 2 (a group needs a baseline)")
     if stage in ("ppo", "grpo") and cfg.reward_weights:
-        sources = len(cfg.reward_funcs) + bool(cfg.reward_model_name_or_path)
-        if len(cfg.reward_weights) != sources:
-            raise UserError(f"field 'reward_weights' has {len(cfg.reward_weights)} values for {sources} reward sources")
+        count = len(cfg.reward_funcs) + bool(cfg.reward_model_name_or_path)
+        if len(cfg.reward_weights) != count:
+            raise UserError(f"{_field('reward_weights', sources)} has {len(cfg.reward_weights)} values for {count} reward sources")
     if stage == "ppo":
-        if cfg.num_mini_batches < 1 or cfg.per_device_train_batch_size % cfg.num_mini_batches:
-            raise UserError(f"field 'num_mini_batches': {cfg.num_mini_batches} must be >= 1 and divide "
+        if cfg.per_device_train_batch_size % cfg.num_mini_batches:
+            raise UserError(f"{_field('num_mini_batches', sources)}: {cfg.num_mini_batches} must divide "
                             f"per_device_train_batch_size ({cfg.per_device_train_batch_size})")
         mini = cfg.per_device_train_batch_size // cfg.num_mini_batches
         if mini % cfg.gradient_accumulation_steps:
-            raise UserError(f"field 'gradient_accumulation_steps': {cfg.gradient_accumulation_steps} must divide the "
-                            f"mini-batch of {mini} rollouts (per_device_train_batch_size / num_mini_batches)")
-    if stage == "dpo" and cfg.beta <= 0:
-        raise UserError("field 'beta' must be > 0 for DPO")
+            raise UserError(f"{_field('gradient_accumulation_steps', sources)}: {cfg.gradient_accumulation_steps} must "
+                            f"divide the mini-batch of {mini} rollouts (per_device_train_batch_size / num_mini_batches)")
+    if check_paths:
+        _check_paths(cfg, sources)
+
+
+_MODEL_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "reward_model_name_or_path", "critic_model_name_or_path")
+_DATA_FIELDS = ("dataset_name", "eval_dataset_name")
+
+
+def _check_paths(cfg, sources: dict | None) -> None:
+    """Models and data the run reads exist locally; output_dir is (or can be made) a writable folder."""
+    for name in _MODEL_FIELDS:
+        path = getattr(cfg, name, "")
+        tiny = name == "model_name_or_path" and path == "tiny"
+        if not path or (tiny and hasattr(cfg, "tiny_hidden_size")):
+            continue
+        if not Path(path, "config.json").is_file():
+            hint = "; only posttrain sft builds the embedded tiny model" if tiny else ""
+            raise UserError(f"{_field(name, sources)}: {path!r} is not a local model folder (no config.json); "
+                            f"posttrain never downloads models{hint}")
+    for name in _DATA_FIELDS:
+        path = getattr(cfg, name, "")
+        if path and not Path(path).exists():
+            raise UserError(f"{_field(name, sources)}: {path!r} does not exist (a .jsonl, .json or .parquet file, "
+                            "or a folder holding one)")
+    out = Path(cfg.output_dir)
+    if not cfg.output_dir.strip():
+        raise UserError(f"{_field('output_dir', sources)} is empty")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{_field('output_dir', sources)}: {cfg.output_dir!r} is a file, not a folder")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{_field('output_dir', sources)}: {cfg.output_dir!r} cannot be created ({str(existing)!r} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == out.absolute() else f"cannot be created ({str(existing)!r} is not writable)"
+        raise UserError(f"{_field('output_dir', sources)}: {cfg.output_dir!r} {what}")
 
 
 def to_dict(cfg) -> dict:

@@ -101,10 +101,22 @@ def build_tiny_model(corpus: list[str], output_dir: str | Path, seed: int = 0, h
     return output_dir
 
 
-def _check_dir(path: str, field: str) -> None:
-    if not Path(path).is_dir() or not (Path(path) / "config.json").is_file():
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _check_dir(path: str, field: str, allow_pickle: bool = False) -> None:
+    """A local model folder whose weights are safetensors (pickle weights only with ``allow_pickle``)."""
+    folder = Path(path)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
         raise UserError(f"{field}: {path!r} is not a local model folder (no config.json); "
                         "posttrain never downloads models")
+    if allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickled:
+        raise UserError(f"{field}: {path!r} holds only pickle weights ({', '.join(pickled[:3])}), which can run code "
+                        "when loaded; convert them to safetensors, or set allow_pickle: true for a folder you trust")
+    raise UserError(f"{field}: {path!r} has no model weights (*.safetensors)")
 
 
 def load_tokenizer(path: str, field: str = "model_name_or_path", chat_template_path: str = ""):
@@ -117,7 +129,7 @@ def load_tokenizer(path: str, field: str = "model_name_or_path", chat_template_p
     """
     from transformers import AutoTokenizer
 
-    _check_dir(path, field)
+    _check_dir(path, field, allow_pickle=True)  # (the weights are checked where they are loaded)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         spare = [t for t in (tokenizer.unk_token, tokenizer.bos_token) if t is not None and t != tokenizer.eos_token]
@@ -143,16 +155,17 @@ def apply_chat_template_file(tokenizer, path: str) -> None:
     tokenizer.chat_template = template
 
 
-def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool = True):
-    """AutoModelForCausalLM in float32 (bf16 runs use autocast over fp32 master weights)."""
+def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool = True, allow_pickle: bool = False):
+    """AutoModelForCausalLM in float32 (bf16 runs use autocast over fp32 master weights); never remote code."""
     from transformers import AutoModelForCausalLM
 
-    _check_dir(path, field)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device())
+    _check_dir(path, field, allow_pickle)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=not allow_pickle,
+                                                 trust_remote_code=False).to(device())
     return model.train() if trainable else freeze(model)
 
 
-def load_scalar_model(path: str, field: str, trainable: bool = True):
+def load_scalar_model(path: str, field: str, trainable: bool = True, allow_pickle: bool = False):
     """A reward model or critic: AutoModelForSequenceClassification with num_labels=1.
 
     From a causal-LM checkpoint the trunk is reused and the scalar head `score`
@@ -160,11 +173,13 @@ def load_scalar_model(path: str, field: str, trainable: bool = True):
     """
     from transformers import AutoModelForSequenceClassification, logging
 
-    _check_dir(path, field)
+    _check_dir(path, field, allow_pickle)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "newly initialized score weights" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                   use_safetensors=not allow_pickle,
+                                                                   trust_remote_code=False)
     finally:
         logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
@@ -240,14 +255,14 @@ def load_policy_and_reference(cfg, need_reference: bool = True):
     separate reference is named: then the base with adapters off serves.
     """
     tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path)
-    policy = load_causal_lm(cfg.model_name_or_path)
+    policy = load_causal_lm(cfg.model_name_or_path, allow_pickle=cfg.allow_pickle)
     if cfg.disable_dropout:
         disable_dropout(policy)
     policy = prepare_for_training(policy, cfg)
     ref = None
     if need_reference and (cfg.ref_model_name_or_path or not cfg.use_peft):
         ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, "ref_model_name_or_path",
-                             trainable=False)
+                             trainable=False, allow_pickle=cfg.allow_pickle)
         ref = distributed.wrap(ref, cfg.fsdp, cfg.bf16, frozen=True)
     return tokenizer, policy, ref
 
@@ -348,14 +363,22 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def prepare_model(path: str, cfg, corpus_fn=None) -> str:
-    """Resolve model_name_or_path: build `tiny` into output_dir/tiny-init, else check the folder."""
+    """Resolve model_name_or_path: build `tiny` into a temporary folder, else check the folder.
+
+    The tiny model is a deterministic function of the seed and the corpus, so
+    every rank (and a resumed run) builds the very same one; nothing is
+    written to output_dir before the data and config have been checked.
+    """
     if path != "tiny":
-        _check_dir(path, "model_name_or_path")
+        _check_dir(path, "model_name_or_path", cfg.allow_pickle)
         return path
-    target = Path(cfg.output_dir) / "tiny-init"
-    if distributed.is_main() and not (target / "config.json").is_file():  # one rank builds, the others wait
-        build_tiny_model(corpus_fn(), target, seed=cfg.seed, hidden_size=cfg.tiny_hidden_size,
-                         num_layers=cfg.tiny_num_layers, num_heads=cfg.tiny_num_heads,
-                         intermediate_size=cfg.tiny_intermediate_size)
-    distributed.barrier()
+    import atexit
+    import shutil
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="posttrain-tiny-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    build_tiny_model(corpus_fn(), target, seed=cfg.seed, hidden_size=cfg.tiny_hidden_size,
+                     num_layers=cfg.tiny_num_layers, num_heads=cfg.tiny_num_heads,
+                     intermediate_size=cfg.tiny_intermediate_size)
     return str(target)

@@ -37,6 +37,9 @@ def build_scheduler(optimizer, total_steps: int, warmup_ratio: float, kind: str)
 def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, max_grad_norm: float) -> torch.Tensor:
     """Clip the global gradient norm, step, advance the schedule, clear gradients. Returns the pre-clip norm.
 
+    A step whose gradient norm is not finite is skipped (the schedule still
+    advances, so step counts stay aligned); the caller sees the norm.
+
     Under FSDP2 gradients are sharded DTensors: the norm is reduced over every
     shard (so it is the whole model's) and returned as a plain tensor.
     """
@@ -47,7 +50,9 @@ def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, max_grad_nor
         grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
+    # a NaN/inf loss or gradient would poison every weight: skip the update (counted by NonFiniteGuard)
+    if bool(torch.isfinite(grad_norm)):
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import shutil
+import signal
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -22,23 +26,124 @@ import torch
 from posttrain import checkpoint, distributed, metrics
 from posttrain.config import save_config
 from posttrain.data import length_grouped_batches
+from posttrain.errors import UserError
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 
 
 def setup_run(cfg) -> None:
-    """Threads, seeds, output_dir and config.yaml: the first step of every recipe.
+    """Threads and seeds: the first step of every recipe. Nothing is written yet (see ``start_output``).
 
     Every rank takes the same seed, so models initialised here start equal on
-    every rank (FSDP2 does not broadcast them); rank 0 writes the folder.
+    every rank (FSDP2 does not broadcast them).
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+
+
+FINAL_FILES = ("model.safetensors", "model.safetensors.index.json", "summary.json")
+
+
+def start_output(cfg, modules: dict) -> None:
+    """Check and claim output_dir, once config, data and models have all loaded; rank 0 writes config.yaml.
+
+    A folder holding another run's checkpoints or final model is refused unless
+    this run resumes it or ``overwrite_output_dir`` is set (then the old
+    checkpoints are removed, so ``save_total_limit`` and ``latest`` only ever see
+    this run's). The free disk must hold two checkpoints. ``latest`` with no
+    checkpoint is an error, not a silent fresh start.
+    """
+    out = Path(cfg.output_dir)
+    if cfg.resume_from_checkpoint == "latest" and checkpoint.resolve_checkpoint("latest", cfg.output_dir) is None:
+        raise UserError(f"resume_from_checkpoint: latest, but {out} holds no complete checkpoint-STEP folder to resume")
+    resuming_here = bool(cfg.resume_from_checkpoint) and (
+        cfg.resume_from_checkpoint == "latest" or Path(cfg.resume_from_checkpoint).resolve().parent == out.resolve())
+    previous = [p.name for p in checkpoint.list_checkpoints(cfg.output_dir)] + \
+        [name for name in FINAL_FILES if (out / name).exists()]
+    if previous and not resuming_here and not cfg.overwrite_output_dir:
+        raise UserError(f"output_dir: {out} holds another run ({', '.join(previous[:4])}); resume it with "
+                        "--resume_from_checkpoint latest, replace it with --overwrite_output_dir true, or choose another folder")
+    if cfg.save_steps:
+        params = sum(p.numel() * p.element_size() for m in modules.values() for p in m.parameters())
+        needed = 2 * 3 * params  # two checkpoints of weights and AdamW's two moments
+        probe = next(p for p in [out, *out.parents] if p.exists())
+        free = shutil.disk_usage(probe).free
+        if free < needed:
+            raise UserError(f"output_dir: {out} has {free / 1e9:.1f} GB free, two checkpoints need about "
+                            f"{needed / 1e9:.1f} GB; free disk space or set save_steps: 0")
     if distributed.is_main():
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        out.mkdir(parents=True, exist_ok=True)
+        if previous and cfg.overwrite_output_dir and not resuming_here:
+            for old in checkpoint.list_checkpoints(cfg.output_dir):
+                checkpoint.remove_checkpoint(old)
+        save_config(cfg, out / "config.yaml")
     distributed.barrier()
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite loss or gradient; stops the run after too many in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def observe(self, grad_norm: torch.Tensor) -> dict:
+        """Record one optimizer step's gradient norm (non-finite: ``clip_and_step`` skipped it)."""
+        finite = bool(torch.isfinite(grad_norm))
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        if self.in_a_row >= self.limit:
+            raise TrainingStopped(f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                                  "(max_nonfinite_steps); stopped, the last checkpoint is intact. Lower learning_rate "
+                                  "or check the data and rewards")
+        return {"nonfinite_steps": 0.0 if finite else 1.0}
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (non-finite training); the CLI prints one line and exits 1."""
+
+
+class Interrupted(Exception):
+    """SIGTERM / SIGINT: a checkpoint was saved at the end of the current step; the CLI exits 143 / 130."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Interrupts:
+    """SIGTERM and SIGINT ask the loop to stop after the current optimizer step; a second one exits at once.
+
+    Schedulers (SLURM, Kubernetes) send SIGTERM before they kill: the loop
+    saves a checkpoint and exits, so a pre-empted job resumes where it was.
+    """
+
+    CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+    def __enter__(self):
+        self.signum, self.saved = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.CODES:
+                self.saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # the second signal: no more waiting
+            os._exit(self.CODES[signum])
+        self.signum = signum
+
+    def requested(self) -> bool:
+        """True on every rank when any rank was signalled (all stop at the same step)."""
+        return distributed.any_rank(self.signum is not None)
+
+    def stop(self, saved: Path | None) -> Interrupted:
+        signum = self.signum if self.signum is not None else signal.SIGTERM
+        where = f"checkpoint saved to {saved}; resume with --resume_from_checkpoint latest" if saved else "nothing to save"
+        return Interrupted(f"interrupted by {signal.Signals(signum).name}: {where}", self.CODES[signum])
+
+    def __exit__(self, *exc):
+        for signum, handler in self.saved.items():
+            signal.signal(signum, handler)
+        return False
 
 
 def total_steps(cfg, micro_batches_per_epoch: int) -> int:
@@ -139,11 +244,16 @@ def fit(
         return [b for b in batches if len(b) >= distributed.world_size()]
 
     micro_per_epoch = len(epoch_batches(0))
+    if micro_per_epoch == 0:
+        raise UserError(f"dataset_name: {cfg.dataset_name}: no training rows left to train on "
+                        f"({len(lengths)} rows for {distributed.world_size()} ranks)")
     steps = total_steps(cfg, micro_per_epoch)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
-    # resume: modules, optimizer, schedule, RNG, the data position (epoch, micro-batch) and the logging window
+    # claim output_dir, then resume: modules, optimizer, schedule, RNG, the data position and the logging window
+    start_output(cfg, {"model": model})
     saved = resume(cfg, {"model": model}, optimizer, scheduler)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     step, epoch, micro = saved.get("step", 0), saved.get("epoch", 0), saved.get("micro", 0)
     window = StatsWindow()
     window.load(saved.get("window"))
@@ -151,43 +261,51 @@ def fit(
     logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc)
     record: dict = {}
     model.train()
-    while step < steps:
-        batches = epoch_batches(epoch)
-        while micro < len(batches) and step < steps:
-            # one optimizer step = `accum` global micro-batches (fewer at the end of an epoch)
-            made = [make_batch(distributed.rank_share(indices)).to(distributed.device())
-                    for indices in batches[micro:micro + accum]]
-            weights = [float(batch_weight(b)) if batch_weight else float(len(b)) for b in made]
-            # each micro-batch weighs its share of the whole step's rows (or tokens) over every rank; the
-            # all-reduce of gradients averages over ranks, which the world size undoes
-            scale = distributed.world_size() / float(distributed.all_sum(torch.tensor(sum(weights))))
-            step_loss = 0.0
-            for i, (batch, weight) in enumerate(zip(made, weights)):
-                distributed.sync_gradients([model], i == len(made) - 1)
-                with autocast(cfg.bf16):
-                    loss, stats = loss_fn(batch)
-                (loss * weight * scale).backward()
-                step_loss = step_loss + loss.detach() * weight * scale
-                window.add(stats)
-            window.add({"loss": step_loss})  # the loss of the whole global batch (the mean over ranks undoes the scale)
-            micro += len(made)
-            grad_norm = clip_and_step([p for _, p in params], optimizer, scheduler, cfg.max_grad_norm)
-            window.add({"grad_norm": grad_norm})
-            step += 1
-            logger.advance()
-            if step % cfg.logging_steps == 0 or step == steps:
-                extra = evaluate() if evaluate is not None else {}
-                model.train()
-                lr = scheduler.get_last_lr()[0]
-                record = logger.log(step, {"epoch": round(epoch + micro / len(batches), 4), **window.pop(),
-                                           "learning_rate": lr, **extra})
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
-                checkpoint.save_checkpoint(cfg.output_dir, step, {"model": model},
-                                           {"optimizer": optimizer, "scheduler": scheduler},
-                                           {"epoch": epoch, "micro": micro, "elapsed_s": logger.elapsed_s, "window": window.state()},
-                                           cfg.save_total_limit)
-        if micro >= len(batches):
-            epoch, micro = epoch + 1, 0
+
+    def save() -> Path:
+        return checkpoint.save_checkpoint(cfg.output_dir, step, {"model": model},
+                                          {"optimizer": optimizer, "scheduler": scheduler},
+                                          {"epoch": epoch, "micro": micro, "elapsed_s": logger.elapsed_s,
+                                           "window": window.state()}, cfg.save_total_limit)
+
+    with Interrupts() as interrupts:
+        while step < steps:
+            batches = epoch_batches(epoch)
+            while micro < len(batches) and step < steps:
+                # one optimizer step = `accum` global micro-batches (fewer at the end of an epoch)
+                made = [make_batch(distributed.rank_share(indices)).to(distributed.device())
+                        for indices in batches[micro:micro + accum]]
+                weights = [float(batch_weight(b)) if batch_weight else float(len(b)) for b in made]
+                # each micro-batch weighs its share of the whole step's rows (or tokens) over every rank; the
+                # all-reduce of gradients averages over ranks, which the world size undoes
+                scale = distributed.world_size() / float(distributed.all_sum(torch.tensor(sum(weights))))
+                step_loss = 0.0
+                for i, (batch, weight) in enumerate(zip(made, weights)):
+                    distributed.sync_gradients([model], i == len(made) - 1)
+                    with autocast(cfg.bf16):
+                        loss, stats = loss_fn(batch)
+                    (loss * weight * scale).backward()
+                    step_loss = step_loss + loss.detach() * weight * scale
+                    window.add(stats)
+                micro += len(made)
+                grad_norm = clip_and_step([p for _, p in params], optimizer, scheduler, cfg.max_grad_norm)
+                # the loss of the whole global batch (the mean over ranks undoes the scale)
+                window.add({"loss": step_loss, "grad_norm": grad_norm, **guard.observe(grad_norm)})
+                step += 1
+                logger.advance()
+                if step % cfg.logging_steps == 0 or step == steps:
+                    extra = evaluate() if evaluate is not None else {}
+                    model.train()
+                    lr = scheduler.get_last_lr()[0]
+                    record = logger.log(step, {"epoch": round(epoch + micro / len(batches), 4), **window.pop(),
+                                               "learning_rate": lr, **extra})
+                if interrupts.requested():
+                    logger.close()
+                    raise interrupts.stop(save() if step < steps else None)
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
+                    save()
+            if micro >= len(batches):
+                epoch, micro = epoch + 1, 0
     logger.close()
     record["wall_s"] = round(logger.elapsed_s, 2)
     return record
@@ -253,6 +371,7 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
     Returns the last log record with ``wall_s``.
     """
     state = dict(state or {})
+    start_output(cfg, modules)
     saved = resume(cfg, modules, optimizer, scheduler)
     state.update({k: saved[k] for k in state if k in saved})
     step = saved.get("step", 0)
@@ -261,18 +380,27 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
     logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc)
     window, record = StatsWindow(), {}
     window.load(saved.get("window"))
-    while step < steps:
-        rl_step(distributed.rank_share(stream.next()), window, state)
-        scheduler.step()
-        step += 1
-        logger.advance()
-        if step % cfg.logging_steps == 0 or step == steps:
-            extra = probe() if probe else {}
-            record = logger.log(step, {**window.pop(), **state, "learning_rate": scheduler.get_last_lr()[0], **extra})
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
-            checkpoint.save_checkpoint(cfg.output_dir, step, modules, {"optimizer": optimizer, "scheduler": scheduler},
-                                       {**state, "elapsed_s": logger.elapsed_s, **stream.state(), "window": window.state()},
-                                       cfg.save_total_limit)
+
+    def save() -> Path:
+        return checkpoint.save_checkpoint(cfg.output_dir, step, modules, {"optimizer": optimizer, "scheduler": scheduler},
+                                          {**state, "elapsed_s": logger.elapsed_s, **stream.state(),
+                                           "window": window.state()}, cfg.save_total_limit)
+
+    with Interrupts() as interrupts:
+        while step < steps:
+            rl_step(distributed.rank_share(stream.next()), window, state)
+            scheduler.step()
+            step += 1
+            logger.advance()
+            if step % cfg.logging_steps == 0 or step == steps:
+                extra = probe() if probe else {}
+                record = logger.log(step, {**window.pop(), **state, "learning_rate": scheduler.get_last_lr()[0],
+                                           **extra})
+            if interrupts.requested():
+                logger.close()
+                raise interrupts.stop(save() if step < steps else None)
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
+                save()
     logger.close()
     record["wall_s"] = round(logger.elapsed_s, 2)
     return record

@@ -246,7 +246,8 @@ def test_sft_chatml_multi_turn_is_split_turn_by_turn_without_warning(tok, tmp_pa
 
 def test_sft_template_that_cannot_split_off_the_final_turn_names_the_row(tiny_qwen, tmp_path):
     tok = templated_tok(tiny_qwen, EMPTY_THINK_PROMPT_TEMPLATE)
-    path = write_jsonl(tmp_path / "file.jsonl", [GOOD["sft"], {"messages": THINKING_CHAT}])
+    fits = [USER, {"role": "assistant", "content": "<think>\n\n</think>\n\n3"}]  # renders as the prompt opens it
+    path = write_jsonl(tmp_path / "file.jsonl", [{"messages": fits}, {"messages": THINKING_CHAT}])
     with pytest.raises(UserError, match=r"file\.jsonl:2: .*chat template") as info:
         _load("sft", path, tok)
     assert "\n" not in str(info.value)
@@ -255,7 +256,7 @@ def test_sft_template_that_cannot_split_off_the_final_turn_names_the_row(tiny_qw
 def test_completion_only_false_trains_every_turn_of_a_conversation(tok, tmp_path):
     messages = [{"role": "user", "content": "12+34="}, {"role": "assistant", "content": "46"},
                 {"role": "user", "content": "and 57+68?"}, {"role": "assistant", "content": "125"}]
-    examples = sft(tok, [{"messages": messages}, {"prompt": "1+2=", "completion": "3"}], tmp_path)
+    examples = sft(tok, [{"messages": messages}, {"messages": [USER, {"role": "assistant", "content": "3"}]}], tmp_path)
     every = D.collate_examples(examples, tok.pad_token_id, completion_only=False)
     assert every.loss_mask.tolist() == every.attention_mask[:, 1:].float().tolist()  # every real token after the first
     full = tok.apply_chat_template(messages, tokenize=False)
@@ -447,6 +448,13 @@ GOOD = {
     "prompts": {"prompt": "1+2=", "answer": "3"},
 }
 USER = {"role": "user", "content": "1+2="}
+GOOD_MESSAGES = {"messages": [USER, {"role": "assistant", "content": "3"}]}  # SFT rows of one format per file
+
+
+def good_neighbour(kind: str, row) -> dict:
+    """A good row of the same format as `row` (an SFT file may not mix messages and prompt/completion rows)."""
+    return GOOD_MESSAGES if kind == "sft" and isinstance(row, dict) and "messages" in row else GOOD[kind]
+
 
 def bad(name, kind, row, words, marks=()):
     """A bad line for a loader ("sft", "pref", "prompts") and the words its error must contain."""
@@ -499,7 +507,8 @@ def _load(kind: str, path: Path, tok):
 
 @pytest.mark.parametrize("kind,row,words", BAD_ROWS)
 def test_bad_row_names_file_line_and_problem(tok, tmp_path, kind, row, words):
-    path = write_jsonl(tmp_path / "file.jsonl", [GOOD[kind], GOOD[kind], row, GOOD[kind]])
+    good = good_neighbour(kind, row)
+    path = write_jsonl(tmp_path / "file.jsonl", [good, good, row, good])
     with pytest.raises(UserError) as info:
         _load(kind, path, tok)
     message = str(info.value)
@@ -512,7 +521,7 @@ def test_bad_row_names_file_line_and_problem(tok, tmp_path, kind, row, words):
 def test_messages_starting_with_assistant_is_a_user_error(tok, tmp_path):
     # DESIGN §3: a row that does not fit is an error naming file:line, never a crash deep inside
     row = {"messages": [{"role": "assistant", "content": "3"}]}
-    path = write_jsonl(tmp_path / "file.jsonl", [GOOD["sft"], GOOD["sft"], row])
+    path = write_jsonl(tmp_path / "file.jsonl", [GOOD_MESSAGES, GOOD_MESSAGES, row])
     with pytest.raises(UserError, match="file.jsonl:3.*before the first assistant"):
         _load("sft", path, tok)
 

@@ -104,16 +104,18 @@ def test_user_function_receives_extra_fields_as_lists(user_module_importable):
     assert call["tags"] == [["a"], [], ["b", "c"]]
 
 
-def test_raising_function_names_function_and_row():
+def test_raising_function_names_function_and_batch():
+    """One batch call: the error names the function, its exception and where it raised, and the batch size;
+    it does not re-call the function row by row to guess the row."""
     rewards = sources(reward_funcs="user_rewards:explode_on_bad")
     with pytest.raises(UserError) as info:
         rewards.score(["1+1=", "2+2=", "3+3="], ["2", "so bad", "6"], [{}, {}, {}])
     message = str(info.value)
     assert "user_rewards:explode_on_bad" in message
     assert "ValueError" in message and "cannot score 'so bad'" in message
-    assert "row 1" in message
-    assert "'2+2='" in message and "'so bad'" in message  # the offending prompt and completion
-    assert "'1+1='" not in message  # not another row's
+    assert "user_rewards.py:" in message  # the line of the user's code that raised
+    assert "called once on a batch of 3 completions" in message
+    assert "\n" not in message
 
 
 def test_wrong_number_of_values_is_an_error():
@@ -219,6 +221,29 @@ def test_reward_model_only(reward_model_dir):
     assert list(parts) == ["rewards/reward_model"]
     torch.testing.assert_close(total, parts["rewards/reward_model"])
     assert total[0] != total[1]
+
+
+@pytest.mark.parametrize("on_error", ["raise", "-1"])
+def test_slow_reward_model_is_reported_not_waited_on(reward_model_dir, on_error):
+    import time
+
+    rewards = sources(reward_funcs="think_format", reward_model_name_or_path=reward_model_dir, reward_clip=0,
+                      reward_timeout_s=0.3, reward_on_error=on_error)
+    prompts, completions = ["1+2=", "30+40="], ["3", "70"]
+    _, parts = rewards.score(prompts, completions, [{}, {}], raw_prompts=prompts)  # quick: scored in the thread
+    assert parts["rewards/reward_model"][0] != parts["rewards/reward_model"][1]
+    rewards.models[0].register_forward_hook(lambda *_: time.sleep(2))  # a scoring call that hangs
+    start = time.monotonic()
+    if on_error == "raise":
+        with pytest.raises(UserError, match=f"reward model '{reward_model_dir}' took longer than reward_timeout_s=0.3 s "
+                                            "on a batch of 2 completions"):
+            rewards.score(prompts, completions, [{}, {}], raw_prompts=prompts)
+    else:
+        total, parts = rewards.score(prompts, completions, [{}, {}], raw_prompts=prompts)
+        assert parts["rewards/reward_model"].tolist() == [-1.0, -1.0]
+        assert parts["rewards/errors"].tolist() == [1.0, 1.0]
+        assert total.tolist() == [-1.0, -1.0]  # think_format 0 + reward model -1
+    assert time.monotonic() - start < 1.5
 
 
 def test_reward_model_without_raw_prompts_is_an_error(reward_model_dir):

@@ -37,7 +37,7 @@ from posttrain.losses import (
 )
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
-from posttrain.rewards import RewardSources
+from posttrain.rewards import RewardSources, check_required_fields
 from posttrain.rollout import GroupRollout, build_engine
 from posttrain.training import StatsWindow, autocast, finish, rl_total_steps, run_rl, setup_run, trainable_parameters
 
@@ -139,7 +139,9 @@ def main(cfg) -> None:
     # set-up: prompts, policy, reference only when beta > 0, reward sources
     setup_run(cfg)
     tokenizer, policy, ref = load_policy_and_reference(cfg, need_reference=cfg.beta > 0)
-    prompts = prompt_examples(read_rows(cfg.dataset_name), tokenizer, cfg.max_prompt_length)
+    rows = read_rows(cfg.dataset_name)
+    prompts = prompt_examples(rows, tokenizer, cfg.max_prompt_length)
+    check_required_fields(cfg.reward_funcs, prompts, [r.source for r in rows])
     rewards = RewardSources.from_config(cfg, tokenizer)
     params = [p for _, p in trainable_parameters(policy)]
     optimizer = build_optimizer(trainable_parameters(policy), cfg.learning_rate, cfg.weight_decay)

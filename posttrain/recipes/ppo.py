@@ -49,7 +49,7 @@ from posttrain.models import (
     token_values,
 )
 from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
-from posttrain.rewards import RewardSources
+from posttrain.rewards import RewardSources, check_required_fields
 from posttrain.rollout import Rollout, build_engine
 from posttrain.training import StatsWindow, autocast, finish, rl_total_steps, run_rl, setup_run, trainable_parameters
 
@@ -171,14 +171,16 @@ def main(cfg) -> None:
     # set-up: prompts, actor + reference, critic, reward sources, optimizer
     setup_run(cfg)
     tokenizer, actor, ref = load_policy_and_reference(cfg)
-    prompts = prompt_examples(read_rows(cfg.dataset_name), tokenizer, cfg.max_prompt_length)
+    rows = read_rows(cfg.dataset_name)
+    prompts = prompt_examples(rows, tokenizer, cfg.max_prompt_length)
+    check_required_fields(cfg.reward_funcs, prompts, [r.source for r in rows])
     rewards = RewardSources.from_config(cfg, tokenizer)
     critic, value_head = None, None
     if cfg.critic == "shared":
         value_head = distributed.wrap(ValueHead(actor.config.hidden_size).to(device()), cfg.fsdp, cfg.bf16)
     else:
         init = cfg.critic_model_name_or_path or cfg.reward_model_name_or_path or cfg.model_name_or_path
-        critic = load_scalar_model(init, "critic_model_name_or_path")
+        critic = load_scalar_model(init, "critic_model_name_or_path", allow_pickle=cfg.allow_pickle)
         if cfg.disable_dropout:
             disable_dropout(critic)
         critic = distributed.wrap(critic, cfg.fsdp, cfg.bf16)

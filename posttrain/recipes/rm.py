@@ -99,7 +99,7 @@ def main(cfg) -> None:
     setup_run(cfg)
     train_rows, eval_rows = split_pairs(cfg, read_rows(cfg.dataset_name))
     tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path)
-    model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path")
+    model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path", allow_pickle=cfg.allow_pickle)
     if cfg.disable_dropout:  # chosen and rejected are scored by the same deterministic function
         disable_dropout(model)
     use_distinct_pad(model, tokenizer)

@@ -43,7 +43,7 @@ def main(cfg) -> None:
     rows = read_rows(cfg.dataset_name)
     model_path = prepare_model(cfg.model_name_or_path, cfg, lambda: corpus_of(rows))
     tokenizer = load_tokenizer(model_path, chat_template_path=cfg.chat_template_path)
-    model = prepare_for_training(load_causal_lm(model_path), cfg)
+    model = prepare_for_training(load_causal_lm(model_path, allow_pickle=cfg.allow_pickle), cfg)
 
     # 2. tokenise once; batches are collated on the fly with dynamic padding
     examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
