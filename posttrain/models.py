@@ -35,6 +35,24 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+def byte_level_tokenizer(corpus: list[str], special_tokens: list[str], split: str):
+    """A `tokenizers` byte-level BPE trained on ``corpus`` with no merges: one token per byte, plus the specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    core.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(special_tokens), special_tokens=special_tokens,
+                                  initial_alphabet=alphabet, show_progress=False)
+    core.train_from_iterator(list(corpus), trainer)
+    return core
+
+
 def build_tiny_tokenizer(corpus: list[str], output_dir: str | Path):
     """A byte-level BPE in Qwen2's own layout, trained on the corpus with no merges.
 
@@ -44,21 +62,9 @@ def build_tiny_tokenizer(corpus: list[str], output_dir: str | Path):
     Qwen2 tokenizer class (which AutoTokenizer picks for a qwen2 config)
     rebuilds exactly this tokenizer from the saved vocabulary.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [PAD, EOS, IM_START]
-    core = Tokenizer(models.BPE())
-    core.normalizer = normalizers.NFC()
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    core.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(specials), special_tokens=specials,
-                                  initial_alphabet=alphabet, show_progress=False)
-    core.train_from_iterator(list(corpus), trainer)
+    core = byte_level_tokenizer(corpus, [PAD, EOS, IM_START], QWEN2_SPLIT)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token=EOS,

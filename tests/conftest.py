@@ -127,22 +127,12 @@ def _byte_level_tokenizer(corpus: list[str], specials: dict, split: str):
     """A byte-level BPE with no merges (one token per byte, like posttrain.models.build_tiny_tokenizer)
     carrying the given special tokens and no pad token. Saved with transformers' generic fast
     tokenizer, which AutoTokenizer loads back as is for llama and mistral configs."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from posttrain.models import byte_level_tokenizer
+
     named = {k: v for k, v in specials.items() if k != "extra"}
-    tokens = list(named.values()) + specials["extra"]
-    core = Tokenizer(models.BPE())
-    core.normalizer = normalizers.NFC()
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    core.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(tokens), special_tokens=tokens,
-                                  initial_alphabet=alphabet, show_progress=False)
-    core.train_from_iterator(list(corpus), trainer)
+    core = byte_level_tokenizer(corpus, list(named.values()) + specials["extra"], split)
     return PreTrainedTokenizerFast(tokenizer_object=core, additional_special_tokens=specials["extra"],
                                    clean_up_tokenization_spaces=False, model_max_length=1024, **named)
 

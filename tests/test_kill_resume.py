@@ -1,7 +1,8 @@
 """Real subprocesses killed and interrupted, for every stage variant.
 
 Each variant runs once uninterrupted. A second run of the same command gets
-SIGTERM mid-run (it must finish its step, save a checkpoint and exit 143), is
+SIGTERM or SIGINT mid-run (it must finish its step, save a checkpoint and exit
+143 / 130), is
 restarted with `--resume_from_checkpoint latest` and SIGKILLed at a random
 moment (during a checkpoint save when one is caught in the act), and is
 restarted again to the end: its final weights must equal the uninterrupted
@@ -76,12 +77,14 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_qw
 
     assert cli.main(command(variant, tiny_qwen, arith_data, full)[3:]) == 0  # uninterrupted, in-process
 
-    # 1. SIGTERM mid-run: the step finishes, a checkpoint is written, exit 143 with a one-line note on how to resume
+    # 1. SIGTERM (a scheduler's pre-emption) or SIGINT (Ctrl-C) mid-run: the step finishes, a checkpoint is
+    # written, exit 143 / 130 with a note on how to resume
+    signum, code = (signal.SIGINT, 130) if variant in ("sft", "dpo", "grpo") else (signal.SIGTERM, 143)
     proc = start(command(variant, tiny_qwen, arith_data, broken))
     assert wait_for(proc, broken, rng.randint(2, 8)), "finished before the signal"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     assert "resume with --resume_from_checkpoint latest" in err
     assert not (broken / "model.safetensors").exists()
 
