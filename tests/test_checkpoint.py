@@ -138,3 +138,22 @@ def test_no_unrestricted_torch_load_in_the_package():
     offenders = [f"{p}:{n}" for p in (REPO / "posttrain").rglob("*.py")
                  for n, line in enumerate(p.read_text().splitlines(), 1) if "weights_only=False" in line]
     assert offenders == []
+
+
+def test_a_save_killed_half_way_leaves_latest_on_the_previous_checkpoint(tmp_path):
+    """What a SIGKILL during save_checkpoint leaves behind: a half-written .tmp folder, or a half-deleted old one."""
+    model, optimizer, scheduler = _setup()
+    for step in (2, 4):
+        checkpoint.save_checkpoint(str(tmp_path), step, {"model": model},
+                                   {"optimizer": optimizer, "scheduler": scheduler}, {})
+    half = tmp_path / "checkpoint-6.tmp"  # killed while writing step 6: files there, no manifest, never renamed
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    (half / "trainer_state.json").write_text("{}")
+    doomed = tmp_path / "checkpoint-1.deleting"  # killed while removing an old one
+    doomed.mkdir()
+    (doomed / "trainer_state.json").write_text("{}")
+    assert checkpoint.resolve_checkpoint("latest", str(tmp_path)) == tmp_path / "checkpoint-4"
+    # and the next save of step 6 replaces the leftover instead of tripping over it
+    path = checkpoint.save_checkpoint(str(tmp_path), 6, {"model": model}, {"optimizer": optimizer, "scheduler": scheduler}, {})
+    assert checkpoint.is_complete(path) and not half.exists()
