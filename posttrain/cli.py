@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         _stage_parser(sub, stage)
 
-    gen = sub.add_parser("generate", help="sample completions from a model")
+    gen = sub.add_parser("generate", help="sample completions from a model",
+                         description="Sample completions from a local model folder and print one JSON line per "
+                                     "completion. Sampling uses only these flags, never the folder's generation_config.json.")
     gen.add_argument("--model_name_or_path", required=True, help="local model folder")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     gen.add_argument("--max_new_tokens", type=int, default=64, help="most new tokens per completion")
@@ -117,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
 
-    ev = sub.add_parser("eval", help="exact-match accuracy, mean reward and KL to a reference")
+    ev = sub.add_parser("eval", help="exact-match accuracy, mean reward and KL to a reference",
+                        description="Evaluate a model on a prompt file: accuracy of completions sampled at "
+                                    "temperature 1 and of greedy ones, mean reward, and the mean per-sequence KL "
+                                    "to a reference model. Prints JSON.")
     ev.add_argument("--model_name_or_path", required=True, help="local model folder")
     ev.add_argument("--dataset_name", required=True, help="prompt file with `answer` fields")
     ev.add_argument("--ref_model_name_or_path", default="", help="reference model for the KL (optional)")
@@ -128,20 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
     ev.add_argument("--output", default="", help="also write the results as JSON here")
 
-    data = sub.add_parser("data", help="write a built-in synthetic task's datasets")
+    data = sub.add_parser("data", help="write a built-in synthetic task's datasets",
+                          description="Write a built-in synthetic task's datasets (sft, preference, prompts, eval "
+                                      ".jsonl), deterministic in --seed.")
     data.add_argument("task", choices=["arith"], help="the task")
     data.add_argument("--output_dir", required=True, help="folder for the .jsonl files")
     data.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     data.add_argument("--carry_error_rate", type=float, default=0.6,
                       help="fraction of carry demonstrations that drop the carry (the flaw SFT learns)")
 
-    demo = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model, with a report")
+    demo = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model, with a report",
+                          description="Run data -> sft -> rm -> dpo / ppo / grpo -> eval -> report on the embedded tiny "
+                                      "model and write report.json and report.html into --output_dir.")
     demo.add_argument("--output_dir", default="runs/demo", help="where each stage and the report go")
     demo.add_argument("--quick", action="store_true", help="shrink everything (for tests)")
     demo.add_argument("--stages", default="", help="comma-separated subset of stages to run")
     demo.add_argument("--jobs", type=int, default=0, help="stages run side by side after SFT, one thread each (0: one per core, at most 4)")
 
-    rep = sub.add_parser("report", help="draw report.html for one or more runs")
+    rep = sub.add_parser("report", help="draw report.html for one or more runs",
+                         description="Draw report.html (and report.json) from one demo folder or several stage "
+                                     "output folders.")
     rep.add_argument("runs", nargs="+", help="run folders (a demo folder, or stage output_dirs)")
     rep.add_argument("--output", default="", help="HTML file (default: report.html in the first run)")
     return parser

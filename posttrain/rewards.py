@@ -3,13 +3,12 @@
 A rule reward is called on a batch: ``f(prompts, completions, **fields) ->
 list[float]``, where ``fields`` are the prompt rows' extra columns as lists
 (e.g. ``answer``). Built-ins: ``exact_match`` (the arith task's verifiable
-reward) and ``think_format`` (background document 000's reasoning-format
-bonus). ``module:function`` names one of your own. A reward model folder scores
+reward) and ``think_format`` (a bonus for a non-empty reasoning block,
+as in DeepSeek-R1's format reward). ``module:function`` names one of your own. A reward model folder scores
 prompt + completion with its scalar head, re-rendered from the raw prompt and
 the completion text with its own tokenizer exactly as RM training renders a
 row, so the score is read at the token it was trained on. Sources are weighted,
-summed and clipped to ``[-reward_clip, reward_clip]`` (background document 000
-clips at 3).
+summed and clipped to ``[-reward_clip, reward_clip]`` (3 by default).
 
 The contract of a rule reward: it is called exactly once per batch (never again
 row by row: it may have side effects or cost money) and returns a list or tuple

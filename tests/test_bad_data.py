@@ -728,3 +728,27 @@ def test_cli_bad_data_exits_2_with_one_line(tmp_path, tiny_qwen, stage, name, co
     assert rc == 2
     assert len(lines) == 1, lines
     assert lines[0].startswith("posttrain: error: ") and f"{bad}{expected}" in lines[0], lines
+    assert not (tmp_path / "out").exists(), "a rejected run wrote to its output folder"
+
+
+STAGE_OF_POOL = {"sft:prompt/completion": "sft", "sft:messages": "sft", "preference": "dpo", "prompts": "grpo"}
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(sorted(STAGE_OF_POOL)).flatmap(lambda pool: st.tuples(st.just(pool), bad_file(pool))))
+def test_generated_bad_files_through_the_cli_exit_2_and_write_nothing(tmp_path_factory, tiny_qwen, case):
+    """The whole contract at the CLI's entry function: exit 2, one line naming file:line, no output folder."""
+    pool, (content, line, _field, name) = case
+    folder = tmp_path_factory.mktemp("cli_bad")
+    bad = folder / "bad.jsonl"
+    bad.write_bytes(content)
+    out = folder / "out"
+    argv = [STAGE_OF_POOL[pool], "--dataset_name", str(bad), "--output_dir", str(out),
+            "--model_name_or_path", str(tiny_qwen), "--progress", "false", "--num_threads", "1"]
+    if STAGE_OF_POOL[pool] == "grpo":
+        argv += ["--reward_funcs", "think_format"]  # (exact_match would also demand an `answer` field)
+    rc, lines = run_cli(argv)
+    event(name)
+    assert rc == 2 and len(lines) == 1, (name, lines)
+    assert lines[0].startswith("posttrain: error: ") and f"bad.jsonl:{line}:" in lines[0], (name, line, lines)
+    assert not out.exists(), name

@@ -384,3 +384,30 @@ def test_bias_corrected_kl_has_k3_value_and_k2_gradient():
     # with a stale old policy the value is k3 weighted by the importance ratio
     old = torch.tensor([[-1.0, -2.5, -0.5]])
     assert_close(L.bias_corrected_kl(lp, rlp, old), L.kl_penalty(lp, rlp, "k3") * torch.exp(lp - old))
+
+
+def _per_row_reference(logits, index):
+    # the slow reference: one sequence at a time, in float32
+    return torch.stack([row.float().gather(-1, idx.unsqueeze(-1)).squeeze(-1) - row.float().logsumexp(-1)
+                        for row, idx in zip(logits, index)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_log_softmax_over_several_chunks_equals_the_per_row_loop(dtype):
+    torch.manual_seed(0)
+    V = 40_000  # 419 positions a chunk: the 600 positions below span two chunks, cut inside a sequence
+    logits = (torch.randn(2, 300, V) * 3).to(dtype).requires_grad_()
+    index = torch.randint(0, V, (2, 300))
+    assert L._rows_per_chunk(V) < 600
+    out, ref = L.selective_log_softmax(logits, index), _per_row_reference(logits, index)
+    assert_close(out, ref, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), logits)
+    assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
+def test_entropy_over_several_chunks_equals_the_per_row_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 300, 40_000)
+    expected = torch.stack([-(row.softmax(-1) * row.log_softmax(-1)).sum(-1) for row in logits])
+    assert_close(L.entropy_from_logits(logits), expected, rtol=0, atol=1e-5)
