@@ -96,8 +96,10 @@ def _stage_parser(sub, stage: str) -> None:
     parser.add_argument("--config", help="YAML file of field: value (flags override it)")
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        # a boolean flag also works bare, as in TRL and the HF Trainer: `--bf16` means `--bf16 true`
+        bare = {"nargs": "?", "const": "true"} if f.type == "bool" else {}
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.type.upper().split(" ")[0],
-                            help=f"{docs.get(f.name, '')} (default: {default!r})")
+                            help=f"{docs.get(f.name, '')} (default: {default!r})", **bare)
 
 
 def build_parser() -> argparse.ArgumentParser:

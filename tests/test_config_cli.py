@@ -366,3 +366,17 @@ def test_every_example_config_loads(path):
     cfg = load_config(stage, str(path), {})
     assert cfg.dataset_name and cfg.output_dir
     assert f"posttrain {stage} --config configs/{path.name}" in path.read_text()
+
+
+def test_boolean_flags_work_bare_and_with_a_value():
+    from posttrain.cli import _split_stage_args, build_parser
+    from posttrain.config import load_config
+
+    def parsed(*argv):
+        config_file, overrides = _split_stage_args(build_parser().parse_args(["dpo", "--dataset_name", "x.jsonl", *argv]))
+        return load_config("dpo", config_file, overrides)
+
+    cfg = parsed("--bf16", "--gradient_checkpointing", "--precompute_ref_log_probs", "--beta", "0.2")
+    assert cfg.bf16 and cfg.gradient_checkpointing and cfg.precompute_ref_log_probs and cfg.beta == 0.2
+    assert not parsed("--bf16", "false").bf16
+    assert parsed("--use_peft", "true").use_peft
