@@ -68,7 +68,7 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(handle.fileno())
 
 
-def _remove(folder: Path) -> None:
+def remove_checkpoint(folder: Path) -> None:
     """Rename, then delete: a half-deleted folder never looks like a checkpoint."""
     if not folder.exists():
         return
@@ -91,7 +91,7 @@ def _write_atomic(final: Path, write) -> None:
     distributed.barrier()
     if distributed.is_main():
         _fsync_tree(tmp)  # flush file contents before the rename publishes them
-        _remove(final)
+        remove_checkpoint(final)
         os.replace(tmp, final)
     distributed.barrier()
 
@@ -133,16 +133,21 @@ def _dcp_load(state: dict, folder: Path) -> None:
         raise UserError(f"{folder}: cannot read sharded checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
 
 
-def _unique_tensors(state: dict) -> dict:
-    """Drop entries that share storage with an earlier one (tied embeddings): each tensor is stored once."""
-    seen, out = set(), {}
-    for key, value in state.items():
-        local = value.to_local() if hasattr(value, "to_local") else value
-        pointer = local.untyped_storage().data_ptr() if local.numel() else id(local)
-        if pointer not in seen:
-            seen.add(pointer)
-            out[key] = value
-    return out
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied LM head)."""
+    first: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.add(name)
+        first.setdefault(id(param), name)
+    return tied
+
+
+def _untied(state: dict, model: nn.Module) -> dict:
+    """``state`` without a tied head's second name: each tensor is stored once, as transformers does."""
+    tied = _tied_names(model)
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 def _flat_optimizer_state(optimizer_state: dict) -> dict:
@@ -185,7 +190,7 @@ def _save_module(tmp: Path, name: str, module: nn.Module) -> None:
     if distributed.is_sharded(module):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        _dcp_save(_unique_tensors(get_model_state_dict(module)), tmp / name)
+        _dcp_save(_untied(get_model_state_dict(module), module), tmp / name)
     elif distributed.is_main():
         save_model(module, str(tmp / f"{name}.safetensors"))  # tied weights are stored once
 
@@ -195,7 +200,7 @@ def _load_module(path: Path, name: str, module: nn.Module) -> None:
 
     whole = path / f"{name}.safetensors"
     if (path / name).is_dir():
-        state = _unique_tensors(get_model_state_dict(module))
+        state = _untied(get_model_state_dict(module), module)
         _dcp_load(state, path / name)
         set_model_state_dict(module, state, options=StateDictOptions(strict=False))  # tied copies fill themselves
     elif not whole.is_file():
@@ -242,11 +247,6 @@ def save_checkpoint(output_dir: str, step: int, modules: dict, optimizers: dict,
             remove_checkpoint(old)
     distributed.barrier()
     return final
-
-
-def remove_checkpoint(folder: Path) -> None:
-    """Delete a checkpoint by rename-then-delete, so `latest` never sees it half deleted."""
-    _remove(folder)
 
 
 def list_checkpoints(output_dir: str) -> list[Path]:
@@ -316,7 +316,8 @@ def load_checkpoint(path: Path, modules: dict, optimizers: dict) -> dict:
 
 def check_finite(module: nn.Module, what: str) -> None:
     """Refuse to save weights that hold NaN or inf (on every rank's shard: the decision is shared)."""
-    bad = any(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in module.parameters())
+    finite = [torch.isfinite(distributed.local_tensor(p)).all() for p in module.parameters()]
+    bad = bool(finite) and not bool(torch.stack(finite).all())  # one host sync for all the weights
     if distributed.any_rank(bad):
         from posttrain.training import TrainingStopped
 
@@ -326,11 +327,7 @@ def check_finite(module: nn.Module, what: str) -> None:
 def save_module_file(module: nn.Module, path: Path) -> None:
     """One module's full weights as a safetensors file, written by rank 0 (gathered first under FSDP2)."""
     check_finite(module, str(path))
-    state = None
-    if distributed.is_sharded(module):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = distributed.full_state_dict(module)
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         if state is None:
@@ -340,17 +337,6 @@ def save_module_file(module: nn.Module, path: Path) -> None:
 
             save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     distributed.barrier()
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Names of parameters that are another parameter under a second name (a tied LM head)."""
-    first: dict[int, str] = {}
-    tied = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            tied.add(name)
-        first.setdefault(id(param), name)
-    return tied
 
 
 def _plain_class(module: nn.Module) -> type:
@@ -367,11 +353,7 @@ def save_pretrained(model, tokenizer, output_dir: str | Path, replica=None) -> N
     """
     output_dir = Path(output_dir)
     check_finite(model, "the final model")
-    state = None
-    if distributed.is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = distributed.full_state_dict(model)
     if not distributed.is_main():
         distributed.barrier()
         return
@@ -379,8 +361,8 @@ def save_pretrained(model, tokenizer, output_dir: str | Path, replica=None) -> N
         model = replica()
         model.load_state_dict(state)
         state = None
-    elif state is not None:  # a tied head is the embedding under a second name: stored once, as transformers does
-        state = {k: v for k, v in state.items() if k not in _tied_names(model)}
+    elif state is not None:
+        state = _untied(state, model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)

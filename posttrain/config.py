@@ -481,11 +481,25 @@ def _open(low, high):
     return lambda v, cfg: low < v < high, f"in ({low}, {high})"
 
 
+def parse_on_error(value, field: str = "reward_on_error") -> float | None:
+    """``reward_on_error``: None for `raise`, else the finite number a failed row is scored with."""
+    if isinstance(value, str) and value.strip().lower() == "raise":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise UserError(f"field {field!r} must be `raise` or a finite number to score a failed row with, got {value!r}")
+    return number
+
+
 def _raise_or_number(value, cfg) -> bool:
-    if value.strip().lower() == "raise":
-        return True
-    number = _number_or_str(value.strip())
-    return isinstance(number, float) and math.isfinite(number)
+    try:
+        parse_on_error(value)
+    except UserError:
+        return False
+    return True
 
 
 # The valid range of every numeric field (and reward_on_error): field -> (predicate(value, cfg), "must be ...");

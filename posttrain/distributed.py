@@ -109,12 +109,10 @@ def all_gather(value: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(value.device)
 
 
-def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
-    return all_mean(value)
-
-
 def any_rank(flag: bool) -> bool:
     """True when ``flag`` is true on some rank: decisions every rank must take together."""
+    if not is_distributed():  # (no device tensor, no sync, for one process)
+        return flag
     return bool(all_sum(torch.tensor(float(flag), device=device())) > 0)
 
 
@@ -192,6 +190,20 @@ def sync_gradients(modules: Iterable[nn.Module], enabled: bool) -> None:
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (an all-gather); a plain tensor as it is."""
     return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (no communication); a plain tensor as it is."""
+    return value.to_local() if hasattr(value, "to_local") else value
+
+
+def full_state_dict(module: nn.Module) -> dict | None:
+    """The whole state dict of an FSDP2-sharded module, gathered to rank 0's CPU (every rank calls it); None otherwise."""
+    if not is_sharded(module):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def generation_kwargs(module: nn.Module) -> dict:

@@ -328,10 +328,14 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     return result[0] if len(result) == 1 else tuple(result)
 
 
+def unwrap_peft(model) -> nn.Module:
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def scalar_head(model) -> nn.Module:
     """The `score` head of a sequence-classification model (through a peft wrapper too)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.score
+    return unwrap_peft(model).score
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -369,14 +373,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def prepare_model(path: str, cfg, corpus_fn=None) -> str:
-    """Resolve model_name_or_path: build `tiny` into a temporary folder, else check the folder.
+    """Resolve model_name_or_path: build `tiny` into a temporary folder, else the folder itself.
 
     The tiny model is a deterministic function of the seed and the corpus, so
     every rank (and a resumed run) builds the very same one; nothing is
     written to output_dir before the data and config have been checked.
     """
-    if path != "tiny":
-        _check_dir(path, "model_name_or_path", cfg.allow_pickle)
+    if path != "tiny":  # (checked where it is loaded)
         return path
     import atexit
     import shutil

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from posttrain import distributed
+
 
 def build_optimizer(params: list[tuple[str, nn.Parameter]], learning_rate: float, weight_decay: float):
     """AdamW with no weight decay on biases and norm weights (the GPT-2 / nanoGPT convention)."""
@@ -48,8 +50,7 @@ def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, max_grad_nor
     else:
         grads = [p.grad.norm() for p in params if p.grad is not None]
         grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = distributed.full_tensor(grad_norm)
     # a NaN/inf loss or gradient would poison every weight: skip the update (counted by NonFiniteGuard)
     if bool(torch.isfinite(grad_norm)):
         optimizer.step()

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from posttrain import distributed
+from posttrain.config import parse_on_error  # noqa: F401 - re-exported: part of the reward contract
 from posttrain.data import Example, collate_examples, encode_prompt, encode_response
 from posttrain.errors import UserError
 from posttrain.tasks.arith import exact_match
@@ -99,19 +100,6 @@ class RewardError(UserError):
 
 # What each built-in reads from a prompt row: checked before training (check_required_fields) and on every batch.
 REQUIRED_FIELDS = {"exact_match": ("answer",)}
-
-
-def parse_on_error(value, field: str = "reward_on_error") -> float | None:
-    """``reward_on_error``: None for `raise`, else the finite number a failed row is scored with."""
-    if isinstance(value, str) and value.strip().lower() == "raise":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise UserError(f"field {field!r} must be `raise` or a finite number to score a failed row with, got {value!r}")
-    return number
 
 
 def parse_timeout(value, field: str = "reward_timeout_s") -> float:

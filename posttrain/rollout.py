@@ -14,6 +14,8 @@ import torch
 
 from posttrain import distributed
 from posttrain.data import left_pad
+from posttrain.losses import selective_log_softmax
+from posttrain.models import unwrap_peft
 
 
 @dataclass
@@ -78,7 +80,7 @@ def _clean_generation_defaults(model, config):
     `generate` from `model.generation_config`; with the model's defaults
     replaced by our own config there is nothing left to leak.
     """
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = unwrap_peft(model)
     saved = target.generation_config
     target.generation_config = config
     try:
@@ -115,9 +117,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
         model.train()
     gen = generation_from_ids(ids, mask, out.sequences[:, ids.shape[1]:], tokenizer, num_return_sequences)
     if return_sampling_logps and out.scores:
-        scores = torch.stack(out.scores, dim=1).float()  # (B, T, V) the processed logits sampled from
-        picked = gen.completion_ids[:, :scores.shape[1]].unsqueeze(-1)
-        gen.sampling_logps = scores.log_softmax(-1).gather(-1, picked).squeeze(-1)
+        scores = torch.stack(out.scores, dim=1)  # (B, T, V) the processed logits sampled from
+        gen.sampling_logps = selective_log_softmax(scores, gen.completion_ids[:, :scores.shape[1]])
     return gen
 
 

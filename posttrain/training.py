@@ -45,8 +45,10 @@ def setup_run(cfg) -> None:
 FINAL_FILES = ("model.safetensors", "model.safetensors.index.json", "summary.json")
 
 
-def start_output(cfg, modules: dict) -> None:
+def start_output(cfg, modules: dict) -> Path | None:
     """Check and claim output_dir, once config, data and models have all loaded; rank 0 writes config.yaml.
+
+    Returns the checkpoint to resume from (None for a fresh run).
 
     A folder holding another run's checkpoints or final model is refused unless
     this run resumes it or ``overwrite_output_dir`` is set (then the old
@@ -55,7 +57,8 @@ def start_output(cfg, modules: dict) -> None:
     checkpoint is an error, not a silent fresh start.
     """
     out = Path(cfg.output_dir)
-    if cfg.resume_from_checkpoint == "latest" and checkpoint.resolve_checkpoint("latest", cfg.output_dir) is None:
+    path = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    if cfg.resume_from_checkpoint == "latest" and path is None:
         raise UserError(f"resume_from_checkpoint: latest, but {out} holds no complete checkpoint-STEP folder to resume")
     resuming_here = bool(cfg.resume_from_checkpoint) and (
         cfg.resume_from_checkpoint == "latest" or Path(cfg.resume_from_checkpoint).resolve().parent == out.resolve())
@@ -79,6 +82,7 @@ def start_output(cfg, modules: dict) -> None:
                 checkpoint.remove_checkpoint(old)
         save_config(cfg, out / "config.yaml")
     distributed.barrier()
+    return path
 
 
 class NonFiniteGuard:
@@ -146,6 +150,15 @@ class Interrupts:
         return False
 
 
+def checkpoint_or_stop(cfg, step: int, steps: int, interrupts: Interrupts, logger, save: Callable[[], Path]) -> None:
+    """After an optimizer step: on a signal, save and stop; else save every save_steps (the final model is saved apart)."""
+    if interrupts.requested():
+        logger.close()
+        raise interrupts.stop(save() if step < steps else None)
+    if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
+        save()
+
+
 def total_steps(cfg, micro_batches_per_epoch: int) -> int:
     """Optimizer steps of the run: max_steps, else epochs x ceil(micro-batches / accumulation).
 
@@ -171,12 +184,13 @@ def trainable_parameters(*models) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def resume(cfg, modules: dict, optimizer, scheduler) -> dict:
-    """Restore modules, optimizer, schedule and RNG from resume_from_checkpoint.
+    """Claim output_dir (``start_output``), then restore modules, optimizer, schedule and RNG from
+    resume_from_checkpoint.
 
     Returns the checkpoint's trainer state (step, data position, ...), or {}
     when there is nothing to resume.
     """
-    path = checkpoint.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    path = start_output(cfg, modules)
     if path is None:
         return {}
     saved = checkpoint.load_checkpoint(path, modules, {"optimizer": optimizer, "scheduler": scheduler})
@@ -199,9 +213,9 @@ class StatsWindow:
     def pop(self) -> dict:
         """The window's means, averaged over ranks (one all-reduce for every key), and a fresh window."""
         keys = sorted(self.sums)
-        means = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32).cpu() / self.counts[k]
-                             for k in keys]) if keys else torch.zeros(0)
-        means = distributed.all_mean(means).cpu()
+        means = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=distributed.device())
+                             / self.counts[k] for k in keys]) if keys else torch.zeros(0)
+        means = distributed.all_mean(means).cpu()  # one device sync for the whole log line
         self.sums.clear()
         self.counts.clear()
         return {k: float(v) for k, v in zip(keys, means)}
@@ -251,7 +265,6 @@ def fit(
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
     # claim output_dir, then resume: modules, optimizer, schedule, RNG, the data position and the logging window
-    start_output(cfg, {"model": model})
     saved = resume(cfg, {"model": model}, optimizer, scheduler)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     step, epoch, micro = saved.get("step", 0), saved.get("epoch", 0), saved.get("micro", 0)
@@ -299,11 +312,7 @@ def fit(
                     lr = scheduler.get_last_lr()[0]
                     record = logger.log(step, {"epoch": round(epoch + micro / len(batches), 4), **window.pop(),
                                                "learning_rate": lr, **extra})
-                if interrupts.requested():
-                    logger.close()
-                    raise interrupts.stop(save() if step < steps else None)
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
-                    save()
+                checkpoint_or_stop(cfg, step, steps, interrupts, logger, save)
             if micro >= len(batches):
                 epoch, micro = epoch + 1, 0
     logger.close()
@@ -371,7 +380,6 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
     Returns the last log record with ``wall_s``.
     """
     state = dict(state or {})
-    start_output(cfg, modules)
     saved = resume(cfg, modules, optimizer, scheduler)
     state.update({k: saved[k] for k in state if k in saved})
     step = saved.get("step", 0)
@@ -396,11 +404,7 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
                 extra = probe() if probe else {}
                 record = logger.log(step, {**window.pop(), **state, "learning_rate": scheduler.get_last_lr()[0],
                                            **extra})
-            if interrupts.requested():
-                logger.close()
-                raise interrupts.stop(save() if step < steps else None)
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
-                save()
+            checkpoint_or_stop(cfg, step, steps, interrupts, logger, save)
     logger.close()
     record["wall_s"] = round(logger.elapsed_s, 2)
     return record

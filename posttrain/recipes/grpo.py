@@ -60,10 +60,8 @@ def make_rollout(cfg, engine, policy, ref, rewards, prompts) -> tuple[GroupRollo
     scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in prompts for _ in range(G)])
     scores = scores.to(mask.device)
     # group statistics over the global batch: gather every rank's scores (groups never span ranks), keep ours
-    all_scores = distributed.all_gather(scores)
-    mine = slice(distributed.rank() * len(scores), (distributed.rank() + 1) * len(scores)) \
-        if distributed.is_distributed() else slice(None)
-    advantages = group_advantages(all_scores, G, cfg.scale_rewards)[mine].to(mask.device)
+    start = distributed.rank() * len(scores)
+    advantages = group_advantages(distributed.all_gather(scores), G, cfg.scale_rewards)[start:start + len(scores)]
     keep = group_filter(scores, G)
     stats = {"reward": scores.mean(), "reward_std": scores.view(-1, G).std(1).mean(),
              "frac_reward_zero_std": 1 - keep.float().mean(), "completion_length": mask.sum(-1).mean(),
