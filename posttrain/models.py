@@ -300,7 +300,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
                 return_entropy: bool = False, return_hidden: bool = False, entropy_grad: bool = False,
-                temperature: float = 1.0):
+                temperature: float = 1.0, position_ids: torch.Tensor | None = None):
     """Log-probability of each next token under ``model``, at sampling temperature ``temperature``.
 
     Returns (B, L-1) where position t scores input_ids[:, t+1]; with
@@ -310,10 +310,13 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     the very distribution softmax(z/T) its rollouts were sampled from.
     ``return_entropy`` adds the (B, K) entropy of that distribution (detached
     unless ``entropy_grad``); ``return_hidden`` adds the last hidden states
-    (B, L, H) for a value head on the same trunk.
+    (B, L, H) for a value head on the same trunk. ``position_ids`` replaces the
+    positions derived from the mask (packed rows restart at 0; the mask may then be None).
     """
     keep = {"logits_to_keep": logits_to_keep + 1} if logits_to_keep else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False, output_hidden_states=return_hidden, **keep)
     logits = out.logits[:, :-1]  # (B, K, V): the last position predicts beyond the input
     if temperature != 1.0:
@@ -338,7 +341,8 @@ def scalar_head(model) -> nn.Module:
     return unwrap_peft(model).score
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position scalar of a sequence-classification model: (B, L).
 
     The transformers forward applies the `score` head at every position and
@@ -348,9 +352,10 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     """
     captured = []
     hook = scalar_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-              use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
         hook.remove()
     return captured[-1].squeeze(-1).float()
