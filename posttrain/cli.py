@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="shrink everything (for tests)")
     demo.add_argument("--stages", default="", help="comma-separated subset of stages to run")
     demo.add_argument("--jobs", type=int, default=0, help="stages run side by side after SFT, one thread each (0: one per core, at most 4)")
+    demo.add_argument("--num_threads", type=int, default=0,
+                      help="torch threads of each stage and of the evaluation (0: SFT 2, the others 1, the evaluation one per core)")
 
     rep = sub.add_parser("report", help="draw report.html for one or more runs",
                          description="Draw report.html (and report.json) from one demo folder or several stage "
@@ -198,7 +200,7 @@ def run(argv: list[str]) -> int:
     elif args.command == "demo":
         from posttrain.demo import run_demo
 
-        run_demo(args.output_dir, quick=args.quick, stages=args.stages, jobs=args.jobs)
+        run_demo(args.output_dir, quick=args.quick, stages=args.stages, jobs=args.jobs, num_threads=args.num_threads)
     elif args.command == "report":
         from posttrain.report import report_main
 

@@ -79,21 +79,23 @@ def _fill(value, paths: dict):
     return value.format(**paths) if isinstance(value, str) else value
 
 
-def stage_config(stage: Stage, out: Path, data: Path, quick: bool) -> dict:
+def stage_config(stage: Stage, out: Path, data: Path, quick: bool, num_threads: int = 0) -> dict:
     paths = {"out": str(out), "data": str(data)}
     config = {k: _fill(v, paths) for k, v in stage.config.items()}
     if quick:
         config.update(stage.quick)
+    if num_threads:
+        config["num_threads"] = num_threads
     config.update({"output_dir": str(out / stage.name), "progress": False, "seed": 0})
     return config
 
 
-def run_stage(stage: Stage, out: Path, data: Path, quick: bool, log) -> dict:
+def run_stage(stage: Stage, out: Path, data: Path, quick: bool, log, num_threads: int = 0) -> dict:
     """Write the stage's YAML, run `posttrain STAGE --config` in a child process, return its summary."""
     stage_dir = out / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     config_path = out / f"{stage.name}.yaml"
-    config = stage_config(stage, out, data, quick)
+    config = stage_config(stage, out, data, quick, num_threads)
     config_path.write_text(f"# posttrain {stage.command} --config {config_path}\n" + yaml.safe_dump(config, sort_keys=False))
     threads = str(config.get("num_threads") or 1)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
@@ -127,9 +129,16 @@ def evaluate_stage(stage: Stage, out: Path, data: Path, ref, max_rows: int) -> d
     return evaluate(model, tokenizer, examples, rewards, ref, max_new_tokens=6, seed=0, num_samples_kept=12)
 
 
-def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int = 0) -> dict:
+def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int = 0, num_threads: int = 0) -> dict:
+    """Run the selected stages (each after the stages it reads), evaluate the policies and write the report.
+
+    ``num_threads`` sets the torch threads of every stage process and of the evaluation; 0 keeps the
+    defaults (SFT 2, the stages after it 1 each, the evaluation one per core).
+    """
     import torch
 
+    if num_threads < 0:
+        raise UserError(f"--num_threads: must be 0 (the defaults) or more, got {num_threads}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     wanted = [s.strip() for s in stages.split(",") if s.strip()] or [s.name for s in STAGES]
@@ -159,14 +168,14 @@ def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int =
             def task(stage=stage, deps=deps):
                 for dep in deps:
                     dep.result()
-                return run_stage(stage, out, data, quick, log)
+                return run_stage(stage, out, data, quick, log, num_threads)
 
             futures[stage.name] = pool.submit(task)
         for name, future in futures.items():
             results[name] = future.result()
 
     # 3. evaluation on the held-out prompts
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(num_threads or max(1, os.cpu_count() or 1))
     from posttrain.models import load_causal_lm
 
     max_rows = 64 if quick else 10**6
@@ -178,10 +187,13 @@ def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int =
             results[stage.name]["eval"] = evaluate_stage(stage, out, data, ref, max_rows)
 
     # 4. report
+    from posttrain.browser import screenshots
     from posttrain.report import build_report, write_report
 
     report = build_report(arith.NAME, out, selected, results, time.time() - began)
-    write_report(report, out)
-    log(f"report: {out / 'report.html'}")
+    page = write_report(report, out)
+    log(f"report: {page}")
+    shots = screenshots(page, out)
+    log(f"screenshots: {', '.join(map(str, shots))}" if isinstance(shots, list) else f"no screenshots of the report: {shots}")
     print(json.dumps(report["stages"], indent=1))
     return report

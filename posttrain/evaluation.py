@@ -71,10 +71,12 @@ def _evaluate(model, tokenizer, examples, rewards, ref_model, max_new_tokens, ba
         totals["reward_mean"] += float(reward.sum())
         if ref_model is not None:
             totals["kl_to_ref"] += float(sequence_kl(model, ref_model, sampled).sum())
-        for i in range(len(chunk)):
-            if len(samples) < num_samples_kept:
-                samples.append({"prompt": prompts[i], "answer": extras[i].get("answer"),
-                                "sampled": sampled.completions[i], "greedy": greedy.completions[i]})
+        kept = min(len(chunk), num_samples_kept - len(samples))
+        if kept > 0:
+            shown_sampled = readable_completions(tokenizer, sampled, kept)
+            shown_greedy = readable_completions(tokenizer, greedy, kept)
+            samples += [{"prompt": prompts[i], "answer": extras[i].get("answer"), "sampled": shown_sampled[i],
+                         "greedy": shown_greedy[i]} for i in range(kept)]
     n = len(examples)
     result = {k: round(v / n, 4) for k, v in totals.items()}
     if ref_model is None:
@@ -82,6 +84,41 @@ def _evaluate(model, tokenizer, examples, rewards, ref_model, max_new_tokens, ba
     if num_samples_kept:
         result["samples"] = samples
     return result
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (Radford et al. 2019, `bytes_to_unicode`)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+def readable_completions(tokenizer, gen, n: int) -> list[str]:
+    """The first ``n`` completions of ``gen`` for people to read: each whole sequence decoded, bytes that are
+    not UTF-8 shown as ``\\xNN`` rather than as U+FFFD.
+
+    A sampled byte-level model can emit a lone UTF-8 lead byte or stop inside a multi-byte character; the
+    plain decode turns those into U+FFFD, which hides what was sampled. Tokenizers that are not byte-level
+    keep their own decode.
+    """
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
+        return gen.completions[:n]
+    special = set(tokenizer.all_special_ids)
+    out = []
+    for ids, mask in zip(gen.completion_ids[:n].tolist(), gen.completion_mask[:n].tolist()):
+        tokens = tokenizer.convert_ids_to_tokens([t for t, m in zip(ids, mask) if m and t not in special])
+        chars = "".join(tokens)
+        if not all(c in BYTE_OF_CHAR for c in chars):  # added (non-byte) tokens: the plain decode
+            out.append(tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True))
+            continue
+        out.append(bytes(BYTE_OF_CHAR[c] for c in chars).decode("utf-8", errors="backslashreplace"))
+    return out
 
 
 def _correct(parts: dict[str, torch.Tensor]) -> torch.Tensor:

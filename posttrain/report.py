@@ -21,7 +21,7 @@ CURVES = ("loss", "reward", "rewards/accuracies", "rewards/margins", "logps/chos
           "eval/greedy_accuracy", "value_loss", "explained_variance", "entropy", "clip_ratio", "completion_length")
 
 
-def stage_entry(result: dict) -> dict:
+def stage_entry(result: dict, train_reward_start: float | None = None) -> dict:
     """The report.json figures of one stage (DESIGN.md §6) from its summary and evaluation."""
     entry = {}
     evaluation = result.get("eval") or {}
@@ -32,6 +32,8 @@ def stage_entry(result: dict) -> dict:
         entry[key] = value
     final = result.get("final") or {}
     if "reward" in final:  # what the stage optimised, beside what it achieved: reward hacking shows here
+        if train_reward_start is not None:
+            entry["train_reward_start"] = round(train_reward_start, 4)
         entry["train_reward"] = round(final["reward"], 4)
     entry["wall_s"] = result.get("wall_s")
     entry["peak_rss_mb"] = result.get("peak_rss_mb")
@@ -41,11 +43,19 @@ def stage_entry(result: dict) -> dict:
     return entry
 
 
+def first_logged(path: Path, key: str) -> float | None:
+    """The first logged value of ``key`` in a metrics.jsonl: the mean over the first logging window."""
+    return next((r[key] for r in read_metrics(path) if isinstance(r.get(key), (int, float))), None)
+
+
 def build_report(task: str, out: Path, stages, results: dict, total_s: float) -> dict:
+    entries = {s.name: stage_entry(results[s.name], first_logged(out / s.name / "metrics.jsonl", "reward")) for s in stages}
+    for name, label in stage_verdicts(entries).items():
+        entries[name]["verdict"] = label
     report = {
         "task": task,
         "eval_prompts": _count_eval_rows(out),
-        "stages": {s.name: stage_entry(results[s.name]) for s in stages},
+        "stages": entries,
         "total_wall_s": round(total_s, 1),
     }
     report["_samples"] = {s.name: results[s.name]["eval"].get("samples", []) for s in stages if "eval" in results[s.name]}
@@ -58,12 +68,86 @@ def _count_eval_rows(out: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
-def write_report(report: dict, out: Path, html_path: Path | None = None) -> None:
+# ------------------------------------------------------------------ verdicts
+
+REWARD_TOL = 0.05  # a training reward "moved" when it changed by more than this (reward units)
+ACCURACY_TOL = 0.02  # held-out accuracy "moved" when it changed by more than this (2 points)
+
+
+def verdict(train_reward_start: float | None, train_reward_end: float | None, accuracy_before: float,
+            accuracy_after: float, reward_tol: float = REWARD_TOL, accuracy_tol: float = ACCURACY_TOL) -> str:
+    """What a stage did, judged on held-out accuracy against its starting model (SFT) and its own training reward.
+
+    A change counts when it exceeds its tolerance (``> reward_tol`` in reward units between the first and last
+    logged training reward; ``> accuracy_tol`` in held-out accuracy):
+
+    - "improved":         held-out accuracy rose (whatever the training reward did);
+    - "reward hacking":   the training reward rose while held-out accuracy fell — the policy found what its
+                          reward scores highly, not what is correct;
+    - "regressed":        held-out accuracy fell, the training reward did not rise (or the stage has none);
+    - "no held-out gain": the training reward rose, held-out accuracy stayed within tolerance;
+    - "no learning":      neither rose: accuracy within tolerance and the training reward flat, falling or absent.
+
+    Stages without a training reward (DPO) pass None for both reward arguments.
+    """
+    accuracy_change = accuracy_after - accuracy_before
+    reward_rose = (train_reward_start is not None and train_reward_end is not None
+                   and train_reward_end - train_reward_start > reward_tol)
+    if accuracy_change > accuracy_tol:
+        return "improved"
+    if accuracy_change < -accuracy_tol:
+        return "reward hacking" if reward_rose else "regressed"
+    return "no held-out gain" if reward_rose else "no learning"
+
+
+def stage_verdicts(stages: dict) -> dict[str, str]:
+    """`verdict` of every policy stage measured against SFT's held-out accuracy."""
+    base = stages.get("sft", {})
+    if "accuracy" not in base:
+        return {}
+    return {name: verdict(e.get("train_reward_start"), e.get("train_reward"), base["accuracy"], e["accuracy"])
+            for name, e in stages.items() if name != "sft" and "accuracy" in e}
+
+
+def findings(stages: dict) -> list[str]:
+    """Plain-language notes: what each stage gained over SFT, with its verdict."""
+    base = stages.get("sft", {})
+    notes = []
+    for name, label in stage_verdicts(stages).items():
+        entry = stages[name]
+        gain = entry["accuracy"] - base["accuracy"]
+        note = f"{name}: {label} — held-out sampled accuracy {base['accuracy']:.3f} → {entry['accuracy']:.3f} ({gain:+.3f})"
+        if "greedy_accuracy" in entry and "greedy_accuracy" in base:
+            note += f", greedy {base['greedy_accuracy']:.3f} → {entry['greedy_accuracy']:.3f}"
+        if entry.get("train_reward_start") is not None and entry.get("train_reward") is not None:
+            note += f"; training reward {entry['train_reward_start']:.3f} → {entry['train_reward']:.3f}"
+        if label == "reward hacking":
+            note += ": the policy found what its reward scores highly, not what is correct"
+        notes.append(note)
+    return notes
+
+
+# ------------------------------------------------------------------ plots
+
+def stage_styles(names) -> dict[str, dict]:
+    """One line style per stage, the same in every plot: colour, dash pattern and marker differ together, and
+    earlier stages are drawn wider, so curves that coincide stay visible."""
+    colors = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+    dashes = ("-", "--", "-.", ":")
+    markers = ("o", "s", "^", "v", "D", "x", "P", "*")
+    return {name: {"color": colors[i % len(colors)], "linestyle": dashes[i % len(dashes)],
+                   "marker": markers[i % len(markers)], "lw": max(1.0, 2.8 - 0.3 * i), "markersize": 5}
+            for i, name in enumerate(names)}
+
+
+def write_report(report: dict, out: Path, html_path: Path | None = None) -> Path:
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     (out / "report.json").write_text(json.dumps(public, indent=1) + "\n")
     runs = {name: Path(p) for name, p in report.get("_runs", {}).items()}
     plots = comparison_plots(runs, out / "plots")
-    (html_path or out / "report.html").write_text(render_html(public, report.get("_samples", {}), plots))
+    target = html_path or out / "report.html"
+    target.write_text(render_html(public, report.get("_samples", {}), plots))
+    return target
 
 
 def comparison_plots(runs: dict[str, Path], plot_dir: Path) -> list[Path]:
@@ -72,99 +156,174 @@ def comparison_plots(runs: dict[str, Path], plot_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = {name: read_metrics(path / "metrics.jsonl") for name, path in runs.items()}
     for name, path in runs.items():
         if records[name] and not (path / "plots" / "training.png").is_file():
             plot_metrics(str(path), name)
     plot_dir.mkdir(parents=True, exist_ok=True)
+    styles = stage_styles(runs)
     paths = []
     for key in CURVES:
         lines = {n: [(r["step"], r[key]) for r in rs if isinstance(r.get(key), (int, float))] for n, rs in records.items()}
         lines = {n: pts for n, pts in lines.items() if pts}
         if not lines:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        fig, ax = plt.subplots(figsize=(5.6, 3.2))
         for name, pts in lines.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=1.3)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, markevery=max(1, len(pts) // 8), **styles[name])
         ax.set_title(key)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
         path = plot_dir / f"{key.replace('/', '_')}.png"
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
 
+
+# ------------------------------------------------------------------ HTML
 
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}"></figure>'
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return "" if value is None else html.escape(str(value))
+# column key -> (header, format of every number in it); the key itself is the cell's title, as in report.json
+COLUMNS = {
+    "accuracy": ("sampled accuracy", "{:.3f}"),
+    "greedy_accuracy": ("greedy accuracy", "{:.3f}"),
+    "reward_mean": ("mean reward", "{:.3f}"),
+    "kl_to_ref": ("KL to SFT (nats)", "{:.3f}"),
+    "train_reward": ("training reward, first → last log", "{:.3f}"),
+    "pair_accuracy": ("RM pair accuracy", "{:.3f}"),
+    "verdict": ("verdict", "{}"),
+    "wall_s": ("wall time (s)", "{:,.1f}"),
+    "peak_rss_mb": ("peak RSS (MB)", "{:,.0f}"),
+    "model_copies": ("model copies", "{:,d}"),
+    "copies_held": ("copies held", "{}"),
+}
+HIDDEN = {"train_reward_start"}  # shown inside the train_reward cell
 
 
-COLUMN_ORDER = ("accuracy", "greedy_accuracy", "reward_mean", "kl_to_ref", "train_reward", "pair_accuracy", "wall_s",
-                "peak_rss_mb", "model_copies", "copies_held")
+def column_format(values) -> str:
+    """The one number format of a column not in COLUMNS: decimals set by its largest magnitude."""
+    numbers = [abs(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if numbers and all(isinstance(v, int) for v in values if v is not None and not isinstance(v, str)):
+        return "{:,d}"
+    largest = max(numbers, default=0.0)
+    return "{:,.0f}" if largest >= 1000 else "{:,.1f}" if largest >= 100 else "{:.3f}" if largest >= 0.01 or largest == 0 else "{:.2e}"
 
 
-def findings(stages: dict) -> list[str]:
-    """Plain-language notes: what each stage gained over SFT, and reward hacking where it shows."""
-    base = stages.get("sft", {})
-    notes = []
+def _cell(value, fmt: str) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if fmt == "{:,d}" and isinstance(value, float):
+            fmt = "{:,.0f}"
+        return html.escape(fmt.format(value) if fmt != "{}" else str(value))
+    return html.escape(str(value))
+
+
+def stage_table(stages: dict) -> str:
+    present = {k for entry in stages.values() for k in entry} - HIDDEN
+    columns = [c for c in COLUMNS if c in present] + sorted(present - set(COLUMNS))
+    formats = {c: COLUMNS[c][1] if c in COLUMNS else column_format([e.get(c) for e in stages.values()]) for c in columns}
+    text_columns = {c for c in columns if all(isinstance(e.get(c), str) or e.get(c) is None for e in stages.values())}
+    head = "<th>stage</th>" + "".join(f'<th title="{html.escape(c)}">{html.escape(COLUMNS.get(c, (c,))[0])}</th>' for c in columns)
+    rows = ""
     for name, entry in stages.items():
-        if name == "sft" or "accuracy" not in entry or "accuracy" not in base:
-            continue
-        gain = entry["accuracy"] - base["accuracy"]
-        note = (f"{name}: sampled accuracy {base['accuracy']:.3f} → {entry['accuracy']:.3f} ({gain:+.3f}), "
-                f"greedy {base['greedy_accuracy']:.3f} → {entry['greedy_accuracy']:.3f}")
-        if "train_reward" in entry and gain < 0.02:
-            note += (f"; its training reward reached {entry['train_reward']:.2f} while held-out accuracy did not "
-                     "rise: reward hacking — the policy found what its reward scores highly, not what is correct")
-        notes.append(note)
-    return notes
+        cells = ""
+        for c in columns:
+            text = _cell(entry.get(c), formats[c])
+            if c == "train_reward" and entry.get("train_reward_start") is not None and text:
+                text = f"{_cell(entry['train_reward_start'], formats[c])} → {text}"
+            css = "text" if c in text_columns else "num"
+            if c == "verdict" and text:
+                css += " verdict-" + text.replace(" ", "-")
+            cells += f'<td class="{css}" title="{html.escape(c)}">{text}</td>'
+        rows += f"<tr><td>{html.escape(name)}</td>{cells}</tr>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+
+
+def samples_table(samples: dict[str, list]) -> str:
+    if not samples:
+        return ""
+    names = list(samples)
+    first = samples[names[0]]
+    head = "<th>prompt</th><th>answer</th>" + "".join(f"<th>{html.escape(n)} greedy / sampled</th>" for n in names)
+    rows = ""
+    for i, row in enumerate(first):
+        answer = str(row.get("answer"))
+        cells = ""
+        for n in names:
+            s = samples[n][i] if i < len(samples[n]) else {}
+            shown = []
+            for kind in ("greedy", "sampled"):
+                text = s.get(kind, "")
+                ok = text.strip() == answer
+                shown.append(f'<span class="{"ok" if ok else "bad"}" title="{kind}">{"✓ " if ok else ""}{html.escape(text)}</span>')
+            cells += f"<td>{' / '.join(shown)}</td>"
+        rows += f"<tr><td><code>{html.escape(row['prompt'])}</code></td><td>{html.escape(answer)}</td>{cells}</tr>"
+    return (f"<h2>Held-out prompts, answered by each stage</h2><p>Greedy / sampled completion; ✓ marks an exact match. "
+            f"Bytes that are not UTF-8 are shown as <code>\\xNN</code>.</p>"
+            f'<div class="scroll"><table class="samples"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:0 auto;padding:1em;max-width:1400px;line-height:1.45;color:#222;
+overflow-wrap:anywhere}
+h1{font-size:1.6em;margin:.3em 0}h2{font-size:1.25em;margin:1.2em 0 .4em}
+.scroll{overflow-x:auto;max-width:100%;margin:.6em 0}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;overflow-wrap:normal}
+td,th{border:1px solid #ccc;padding:4px 8px;white-space:nowrap}
+th{background:#f3f3f3;text-align:center;font-weight:600}
+td.num{text-align:right}td.text{text-align:left}
+tr>td:first-child,tr>th:first-child{position:sticky;left:0;background:#fff;text-align:left;font-weight:600}
+tr>th:first-child{background:#f3f3f3}
+.verdict-improved{color:#176b1f;font-weight:600}.verdict-reward-hacking,.verdict-regressed{color:#a31515;font-weight:600}
+.samples td{text-align:left}.ok{background:#e3f3e3}.bad{color:#6d6d6d}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
+@media (max-width:600px){dl{grid-template-columns:1fr}dd{margin-left:1em}}
+.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,520px),1fr));gap:12px}
+figure{margin:0}img{max-width:100%;height:auto;display:block}"""
 
 
 def render_html(report: dict, samples: dict[str, list], plots: list[Path]) -> str:
-    stages = report["stages"]
-    present = {k for entry in stages.values() for k in entry}
-    columns = [c for c in COLUMN_ORDER if c in present] + sorted(present - set(COLUMN_ORDER))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["stage"] + columns)
-    rows = "".join("<tr><td>" + html.escape(name) + "</td>" + "".join(f"<td>{_fmt(e.get(c))}</td>" for c in columns) + "</tr>"
-                   for name, e in stages.items())
-    side = ""
-    if samples:
-        names = list(samples)
-        first = samples[names[0]]
-        side_head = "<th>prompt</th><th>answer</th>" + "".join(f"<th>{html.escape(n)} greedy / sampled</th>" for n in names)
-        side_rows = ""
-        for i, row in enumerate(first):
-            cells = ""
-            for n in names:
-                s = samples[n][i] if i < len(samples[n]) else {}
-                ok = "ok" if s.get("greedy", "").strip() == str(row.get("answer")) else "bad"
-                cells += f'<td class="{ok}">{html.escape(s.get("greedy", ""))} / {html.escape(s.get("sampled", ""))}</td>'
-            side_rows += f"<tr><td><code>{html.escape(row['prompt'])}</code></td><td>{html.escape(str(row.get('answer')))}</td>{cells}</tr>"
-        side = f"<h2>Held-out prompts, answered by each stage</h2><table><tr>{side_head}</tr>{side_rows}</table>"
-    figures = "".join(_img(p) for p in plots)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>posttrain report: {html.escape(str(report['task']))}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}}td:first-child{{text-align:left}}
-.ok{{background:#e6f4e6}}.bad{{background:#fbe9e9}}figure{{display:inline-block;margin:4px}}img{{max-width:380px}}</style>
-</head><body><h1>posttrain report — task <code>{html.escape(str(report['task']))}</code></h1>
-<p>{report.get('eval_prompts')} held-out prompts that no stage trained on. accuracy: exact match of completions sampled at
-temperature 1.0; greedy_accuracy: greedy decoding; kl_to_ref: mean per-sequence KL to the SFT model on the sampled
-completions; wall_s: training time of the stage; peak_rss_mb: the stage process's peak resident memory.
-Total wall time: {_fmt(report.get('total_wall_s'))} s.</p>
-<h2>Stages</h2><table><tr>{head}</tr>{rows}</table>
-<ul>{"".join(f"<li>{html.escape(n)}</li>" for n in findings(stages))}</ul>
-<h2>Training curves</h2>{figures}
-{side}
+    verdicts = stage_verdicts(report["stages"])  # recomputed, so a report.json from before verdicts gets them too
+    stages = {name: {**entry, **({"verdict": verdicts[name]} if name in verdicts else {})} for name, entry in report["stages"].items()}
+    task = html.escape(str(report["task"]))
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in findings(stages))
+    total = report.get("total_wall_s")
+    prompts = report.get("eval_prompts")
+    about = f"{prompts:,} held-out prompts that no stage trained on." if prompts else "Runs compared side by side."
+    if total is not None:
+        about += f" Total wall time {total:,.1f} s."
+    definitions = "".join(f"<dt>{html.escape(COLUMNS[k][0])}</dt><dd>{html.escape(text)}</dd>" for k, text in (
+        ("accuracy", "exact match of completions sampled at temperature 1.0 (report.json: accuracy)"),
+        ("greedy_accuracy", "exact match under greedy decoding (greedy_accuracy)"),
+        ("kl_to_ref", "mean per-sequence KL to the SFT model on the sampled completions (kl_to_ref)"),
+        ("train_reward", "the reward the stage optimised, mean of its first and of its last logging window "
+                         "(train_reward_start, train_reward)"),
+        ("verdict", f"held-out accuracy against SFT and the training reward against its start: a change counts "
+                    f"beyond ±{ACCURACY_TOL:.2f} accuracy and ±{REWARD_TOL:.2f} reward; \"reward hacking\" only when "
+                    "the training reward rose while held-out accuracy fell"),
+        ("wall_s", "training time of the stage (wall_s)"),
+        ("peak_rss_mb", "the stage process's peak resident memory (peak_rss_mb)"),
+    ) if any(k in e for e in stages.values()))
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>posttrain report: {task}</title>
+<style>{STYLE}</style>
+</head><body><h1>posttrain report — task <code>{task}</code></h1>
+<p>{about}</p>
+<h2>Stages</h2>{stage_table(stages)}
+<ul>{notes}</ul>
+<dl>{definitions}</dl>
+<h2>Training curves</h2><div class="figures">{"".join(_img(p) for p in plots)}</div>
+{samples_table(samples)}
 </body></html>
 """
 
@@ -176,8 +335,7 @@ def report_main(run_dirs: list[str], output: str) -> None:
         report = json.loads((first / "report.json").read_text())
         runs = {name: first / name for name in report["stages"] if (first / name).is_dir()}
         report["_runs"] = {k: str(v) for k, v in runs.items()}
-        write_report(report, first, Path(output) if output else None)
-        print(f"wrote {output or first / 'report.html'}")
+        print(f"wrote {write_report(report, first, Path(output) if output else None)}")
         return
     stages, runs = {}, {}
     for run in run_dirs:
