@@ -88,6 +88,7 @@ def plot_metrics(output_dir: str, title: str = "") -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(Path(output_dir) / "metrics.jsonl")
     if not records or not distributed.is_main():
@@ -104,20 +105,24 @@ def plot_metrics(output_dir: str, title: str = "") -> list[Path]:
     for key, ax in zip(keys, axes.flat):
         xs = [r["step"] for r in records if isinstance(r.get(key), (int, float))]
         ys = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot(xs, ys, lw=1.2)
+        marker = "o" if len(xs) <= 30 else None  # single logged points stay visible
+        ax.plot(xs, ys, lw=1.2, marker=marker, markersize=3)
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
-        fig, single = plt.subplots(figsize=(4.5, 3))
-        single.plot(xs, ys, lw=1.2)
+        fig, single = plt.subplots(figsize=(5, 3))
+        single.plot(xs, ys, lw=1.2, marker=marker, markersize=3)
         single.set_xlabel("step")
         single.set_title(f"{title} {key}".strip())
+        for axis in (ax, single):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+            axis.grid(alpha=0.3)
         fig.tight_layout()
         path = out / f"{key.replace('/', '_')}.png"
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     grid.suptitle(title)
     grid.tight_layout()
-    grid.savefig(out / "training.png", dpi=80)
+    grid.savefig(out / "training.png", dpi=100)
     plt.close(grid)
     return paths

@@ -135,9 +135,9 @@ def stage_styles(names) -> dict[str, dict]:
     colors = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
     dashes = ("-", "--", "-.", ":")
     markers = ("o", "s", "^", "v", "D", "x", "P", "*")
-    return {name: {"color": colors[i % len(colors)], "linestyle": dashes[i % len(dashes)],
-                   "marker": markers[i % len(markers)], "lw": max(1.0, 2.8 - 0.3 * i), "markersize": 5}
-            for i, name in enumerate(names)}
+    return {name: {"color": colors[i % len(colors)], "linestyle": dashes[i % len(dashes)], "marker": markers[i % len(markers)],
+                   "lw": max(1.0, 3.2 - 0.4 * i), "markersize": max(4.0, 10 - 1.0 * i), "markerfacecolor": "none",
+                   "markeredgewidth": 1.4} for i, name in enumerate(names)}
 
 
 def write_report(report: dict, out: Path, html_path: Path | None = None) -> Path:
@@ -170,14 +170,18 @@ def comparison_plots(runs: dict[str, Path], plot_dir: Path) -> list[Path]:
         lines = {n: pts for n, pts in lines.items() if pts}
         if not lines:
             continue
-        fig, ax = plt.subplots(figsize=(5.6, 3.2))
-        for name, pts in lines.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, markevery=max(1, len(pts) // 8), **styles[name])
-        ax.set_title(key)
-        ax.set_xlabel("step")
+        fig, ax = plt.subplots(figsize=(5.2, 3.0))
+        for i, (name, pts) in enumerate(lines.items()):
+            same = next((other for other, theirs in list(lines.items())[:i] if theirs == pts), None)
+            label = f"{name} (= {same})" if same else name  # a curve drawn exactly over another says so
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, markevery=max(1, len(pts) // 8), **styles[name])
+        ax.set_title(key, fontsize=12)
+        ax.set_xlabel("step", fontsize=10)
+        ax.tick_params(labelsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
+        # below the axes, never over a curve
+        ax.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(4, len(lines)), frameon=False)
         path = plot_dir / f"{key.replace('/', '_')}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -198,7 +202,7 @@ COLUMNS = {
     "greedy_accuracy": ("greedy accuracy", "{:.3f}"),
     "reward_mean": ("mean reward", "{:.3f}"),
     "kl_to_ref": ("KL to SFT (nats)", "{:.3f}"),
-    "train_reward": ("training reward, first → last log", "{:.3f}"),
+    "train_reward": ("training reward, first → last", "{:.3f}"),
     "pair_accuracy": ("RM pair accuracy", "{:.3f}"),
     "verdict": ("verdict", "{}"),
     "wall_s": ("wall time (s)", "{:,.1f}"),
@@ -277,12 +281,12 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:0 auto;padding:1em;max-w
 overflow-wrap:anywhere}
 h1{font-size:1.6em;margin:.3em 0}h2{font-size:1.25em;margin:1.2em 0 .4em}
 .scroll{overflow-x:auto;max-width:100%;margin:.6em 0}
-table{border-collapse:collapse;font-variant-numeric:tabular-nums;overflow-wrap:normal}
-td,th{border:1px solid #ccc;padding:4px 8px;white-space:nowrap}
-th{background:#f3f3f3;text-align:center;font-weight:600}
-td.num{text-align:right}td.text{text-align:left}
-tr>td:first-child,tr>th:first-child{position:sticky;left:0;background:#fff;text-align:left;font-weight:600}
-tr>th:first-child{background:#f3f3f3}
+table{border-collapse:separate;border-spacing:0;border-top:1px solid #ccc;border-left:1px solid #ccc;
+font-variant-numeric:tabular-nums;overflow-wrap:normal}
+td,th{border-right:1px solid #ccc;border-bottom:1px solid #ccc;padding:4px 8px;white-space:nowrap;background:#fff}
+th{background:#f3f3f3;text-align:center;font-weight:600;white-space:normal;min-width:4.5em;vertical-align:bottom}
+td.num{text-align:right}td.text{text-align:left;white-space:normal;min-width:9em}
+tr>td:first-child,tr>th:first-child{text-align:left;font-weight:600}.samples code{font-size:1.1em}
 .verdict-improved{color:#176b1f;font-weight:600}.verdict-reward-hacking,.verdict-regressed{color:#a31515;font-weight:600}
 .samples td{text-align:left}.ok{background:#e3f3e3}.bad{color:#6d6d6d}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dt{font-weight:600}dd{margin:0}

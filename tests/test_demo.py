@@ -7,6 +7,10 @@ import json
 import pytest
 from conftest import run_cli
 
+from posttrain import browser
+from posttrain.metrics import read_metrics
+from posttrain.report import stage_verdicts
+
 POLICY_KEYS = {"accuracy", "greedy_accuracy", "reward_mean", "wall_s"}
 
 
@@ -34,6 +38,12 @@ def test_report_json_has_every_stage_with_the_contract_keys(demo_dir):
     # the PPO stages report the model copies they hold: the shared critic holds one fewer
     assert stages["ppo"]["model_copies"] == stages["ppo_shared"]["model_copies"] + 1
     assert stages["grpo"]["model_copies"] == 2  # policy + reference (beta > 0)
+    # every policy stage has a verdict against SFT; the RL stages start from their first logged training reward
+    assert set(stage_verdicts(stages)) == {"dpo", "ppo", "grpo", "ppo_shared", "ppo_rm"}
+    assert {name: stages[name]["verdict"] for name in stage_verdicts(stages)} == stage_verdicts(stages)
+    for name in ("ppo", "grpo", "ppo_rm"):
+        first = next(r["reward"] for r in read_metrics(demo_dir / name / "metrics.jsonl") if "reward" in r)
+        assert stages[name]["train_reward_start"] == round(first, 4)
 
 
 @pytest.mark.slow
@@ -44,6 +54,9 @@ def test_report_html_embeds_curves_table_and_side_by_side_samples(demo_dir):
         assert f"<td>{stage}</td>" in page
         assert f"<th>{stage} greedy / sampled</th>" in page
     assert "<code>" in page and "+" in page  # held-out prompts shown
+    assert "\ufffd" not in page  # undecodable sampled bytes are shown as \xNN
+    if not browser.missing():  # screenshots are taken where Chromium is installed, and skipped (one line) where not
+        assert (demo_dir / "report-1400.png").stat().st_size > 10_000 and (demo_dir / "report-400.png").is_file()
 
 
 @pytest.mark.slow
