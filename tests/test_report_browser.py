@@ -59,7 +59,7 @@ def _runs(root: Path) -> dict[str, str]:
         (root / name).mkdir()
         logger = MetricsLogger(str(root / name), total_steps=40, progress=False)
         for step in range(5, 45, 5):
-            values = {"loss": 2.0 / (step + k), "learning_rate": 1e-4}
+            values = {"loss": 2.0 / (step + k)}
             if name in ("ppo_rm", "grpo"):
                 values |= {"reward": 0.5 + step / 50, "kl": step / 100, "entropy": 2.3 - step / 100}
             if name == "dpo":
