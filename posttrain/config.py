@@ -114,7 +114,15 @@ class DropoutConfig:
 
 
 @dataclass
-class SFTConfig(TinyModelConfig, CommonConfig):
+class PaddingFreeConfig:
+    padding_free: bool = False
+    """Pack each micro-batch's rows into one sequence with no padding (positions restart at 0 on each row and
+    attention stays within it): no compute on pad tokens, and no pad token needed. A model whose attention
+    mixes packed rows is refused at start-up."""
+
+
+@dataclass
+class SFTConfig(PaddingFreeConfig, TinyModelConfig, CommonConfig):
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""
     completion_only_loss: bool = True
@@ -126,7 +134,7 @@ class SFTConfig(TinyModelConfig, CommonConfig):
 
 
 @dataclass
-class DPOConfig(DropoutConfig, CommonConfig):
+class DPOConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
     ref_model_name_or_path: str = ""
     """Frozen reference model; empty means the starting policy (model_name_or_path)."""
     beta: float = 0.1
@@ -145,7 +153,7 @@ class DPOConfig(DropoutConfig, CommonConfig):
 
 
 @dataclass
-class RMConfig(DropoutConfig, CommonConfig):
+class RMConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
     learning_rate: float = 1e-4
     """Peak learning rate of AdamW."""
     center_rewards_coefficient: float = 0.0

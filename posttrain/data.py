@@ -1,4 +1,4 @@
-"""Rows on disk -> token ids -> padded batches.
+"""Rows on disk -> token ids -> padded (or packed, padding-free) batches.
 
 Formats (DESIGN.md §3), one JSON object per row, from .jsonl, .json or .parquet:
 
@@ -58,9 +58,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from posttrain import distributed
 from posttrain.errors import UserError
+from posttrain.losses import packed_sequence_logps, sequence_logps
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -636,32 +638,102 @@ class TokenBatch:
     attention_mask: torch.Tensor  # (B, L) 1 on real tokens
     loss_mask: torch.Tensor  # (B, L-1) 1 where position t's prediction of token t+1 is a response token
 
+    # the model derives positions from attention_mask (see models.token_logps)
+    position_ids = None
+
     def to(self, device) -> TokenBatch:
         return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def sequence_logps(self, token_logps: torch.Tensor, normalization: str = "sum") -> torch.Tensor:
+        """Sum (or mean) of each row's response log-probs: (B, L-1) -> (B,)."""
+        return sequence_logps(token_logps, self.loss_mask, normalization)
 
-def collate_examples(examples: list[Example], pad_id: int, completion_only: bool = True) -> TokenBatch:
-    """Right-padded batch. completion_only: loss on the (weighted) response tokens only;
-    otherwise on every real token, every turn of a conversation included (as in TRL)."""
-    seqs = [e.prompt_ids + e.completion_ids for e in examples]
+    def at_last_token(self, values: torch.Tensor) -> torch.Tensor:
+        """Each row's value at its last real token: (B, L) -> (B,)."""
+        return values.gather(1, self.attention_mask.sum(-1, keepdim=True) - 1).squeeze(1)
+
+
+@dataclass
+class PackedBatch:
+    """The rows of a micro-batch concatenated into one sequence, with no padding (``padding_free``).
+
+    Positions restart at 0 on each row. Given position_ids and no attention
+    mask, transformers keeps attention within each row: a block-diagonal
+    causal mask for sdpa and eager (``masking_utils.find_packed_sequence_indices``),
+    variable-length kernels with cu_seqlens taken from the positions for
+    flash attention. The last token of a row would be scored against the
+    next row's first token, so loss_mask is 0 there. N = total tokens, R = rows.
+    """
+
+    input_ids: torch.Tensor  # (1, N) token ids, row after row
+    position_ids: torch.Tensor  # (1, N) position within the token's row: 0 .. n_r-1 for row r
+    loss_mask: torch.Tensor  # (1, N-1) 1 where position t's prediction of token t+1 is a response token of the same row
+    row_of_token: torch.Tensor  # (N-1,) the row of position t
+    cu_seqlens: torch.Tensor  # (R+1,) row r holds tokens cu_seqlens[r] .. cu_seqlens[r+1]-1
+
+    # no mask: the model builds the within-row one from position_ids
+    attention_mask = None
+
+    def to(self, device) -> PackedBatch:
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    def sequence_logps(self, token_logps: torch.Tensor, normalization: str = "sum") -> torch.Tensor:
+        """Sum (or mean) of each row's response log-probs, by a segment sum: (1, N-1) -> (R,)."""
+        return packed_sequence_logps(token_logps, self.loss_mask, self.row_of_token, len(self), normalization)
+
+    def at_last_token(self, values: torch.Tensor) -> torch.Tensor:
+        """Each row's value at its last token: (1, N) -> (R,)."""
+        return values[0, self.cu_seqlens[1:] - 1]
+
+
+def _loss_weights(examples: list[Example], completion_only: bool) -> list[list[int]]:
+    """Per token of prompt + response: 1 where the token is trained on. completion_only: the
+    (weighted) response tokens only; otherwise every token, every turn of a conversation (as in TRL)."""
     if completion_only:
-        loss = [[0] * len(e.prompt_ids) + (e.completion_weights or [1] * len(e.completion_ids)) for e in examples]
-    else:
-        loss = [[1] * len(s) for s in seqs]
+        return [[0] * len(e.prompt_ids) + (e.completion_weights or [1] * len(e.completion_ids)) for e in examples]
+    return [[1] * (len(e.prompt_ids) + len(e.completion_ids)) for e in examples]
+
+
+def pack_examples(examples: list[Example], completion_only: bool = True) -> PackedBatch:
+    """The examples concatenated into one unpadded sequence (see PackedBatch); the loss covers the
+    same tokens, with the same weights, as ``collate_examples`` gives them."""
+    seqs = [e.prompt_ids + e.completion_ids for e in examples]
+    lengths = torch.tensor([len(s) for s in seqs])
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
+    starts = cu_seqlens[:-1].repeat_interleave(lengths)  # (N,) the first token of each token's row
+    position_ids = torch.arange(int(cu_seqlens[-1])) - starts
+    # a row's first token is never a target; the row's last position would target the next row: weight 0
+    loss = [w for weights in _loss_weights(examples, completion_only) for w in weights[1:] + [0]][:-1]
+    row_of_token = torch.arange(len(seqs)).repeat_interleave(lengths)[:-1]
+    return PackedBatch(torch.tensor([t for s in seqs for t in s]).unsqueeze(0), position_ids.unsqueeze(0),
+                       torch.tensor(loss, dtype=torch.float32).unsqueeze(0), row_of_token, cu_seqlens)
+
+
+def collate_examples(examples: list[Example], pad_id: int, completion_only: bool = True,
+                     padding_free: bool = False) -> TokenBatch | PackedBatch:
+    """Right-padded batch. completion_only: loss on the (weighted) response tokens only;
+    otherwise on every real token, every turn of a conversation included (as in TRL).
+    padding_free: one packed sequence instead (``pack_examples``; pad_id is not used)."""
+    if padding_free:
+        return pack_examples(examples, completion_only)
+    seqs = [e.prompt_ids + e.completion_ids for e in examples]
     input_ids = _pad(seqs, pad_id)
     attention_mask = _pad([[1] * len(s) for s in seqs], 0)
-    loss_mask = _pad(loss, 0)[:, 1:]
+    loss_mask = _pad(_loss_weights(examples, completion_only), 0)[:, 1:]
     return TokenBatch(input_ids, attention_mask, loss_mask.float())
 
 
 @dataclass
 class PreferenceBatch:
-    """Chosen rows then rejected rows, concatenated, for one forward pass: (2B, L)."""
+    """Chosen rows then rejected rows, for one forward pass: padded (2B, L), or packed into (1, N)."""
 
-    tokens: TokenBatch  # rows [0, B) chosen, [B, 2B) rejected
+    tokens: TokenBatch | PackedBatch  # rows [0, B) chosen, [B, 2B) rejected
     margin: torch.Tensor  # (B,) per-pair margin (0 when absent)
     index: torch.Tensor  # (B,) dataset indices of the pairs (for precomputed reference log-probs)
 
@@ -672,8 +744,9 @@ class PreferenceBatch:
         return len(self.index)
 
 
-def collate_preferences(pairs: list[PreferenceExample], indices: list[int], pad_id: int) -> PreferenceBatch:
-    tokens = collate_examples([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+def collate_preferences(pairs: list[PreferenceExample], indices: list[int], pad_id: int,
+                        padding_free: bool = False) -> PreferenceBatch:
+    tokens = collate_examples([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, padding_free=padding_free)
     return PreferenceBatch(tokens, torch.tensor([p.margin for p in pairs]), torch.tensor(indices))
 
 

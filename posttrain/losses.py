@@ -23,6 +23,7 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "sequence_logps",
+    "packed_sequence_logps",
     "dpo_loss",
     "reward_model_loss",
     "kl_penalty",
@@ -102,6 +103,25 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, normalization:
     if normalization == "sum":
         return masked_sum(token_logps, mask, dim=-1)
     return masked_mean(token_logps, mask, dim=-1)
+
+
+def packed_sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, row_of_token: torch.Tensor, num_rows: int,
+                          normalization: str = "sum") -> torch.Tensor:
+    """``sequence_logps`` of rows packed one after another into a single sequence (padding-free batches).
+
+    The same sum (or mean) of each row's masked token log-probs, by a segment
+    sum: row r collects the positions t with ``row_of_token[t] == r``
+    (``index_add``, so no loop over rows and gradients flow to every token).
+
+    Shape: token_logps (1, T) or (T,), mask like it, row_of_token (T,) in [0, R) -> (R,).
+    """
+    _check_choice("logps_normalization", normalization, ("sum", "mean"))
+    masked = (token_logps * mask).reshape(-1)
+    sums = masked.new_zeros(num_rows).index_add(0, row_of_token, masked)
+    if normalization == "sum":
+        return sums
+    counts = masked.new_zeros(num_rows).index_add(0, row_of_token, mask.reshape(-1).to(masked.dtype))
+    return sums / counts.clamp_min(1)
 
 
 def dpo_loss(

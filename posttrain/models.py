@@ -246,6 +246,8 @@ def unsharded_replica(model, cfg):
 
 def prepare_for_training(model, cfg):
     """Activation checkpointing, LoRA, then DDP / FSDP2 under torchrun, as the config asks; returns the model to train."""
+    if getattr(cfg, "padding_free", False):
+        check_padding_free(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if cfg.use_peft:
@@ -269,6 +271,8 @@ def load_policy_and_reference(cfg, need_reference: bool = True):
     if need_reference and (cfg.ref_model_name_or_path or not cfg.use_peft):
         ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, "ref_model_name_or_path",
                              trainable=False, allow_pickle=cfg.allow_pickle)
+        if cfg.ref_model_name_or_path and getattr(cfg, "padding_free", False):
+            check_padding_free(ref)
         ref = distributed.wrap(ref, cfg.fsdp, cfg.bf16, frozen=True)
     return tokenizer, policy, ref
 
@@ -371,6 +375,41 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Reward-model score of each sequence, read at its last non-padding token. (B,)"""
     values = token_values(model, input_ids, attention_mask)
     return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def check_padding_free(model: nn.Module) -> None:
+    """Refuse ``padding_free`` (UserError) for a model whose attention does not keep packed rows apart.
+
+    Two short rows run packed into one sequence (positions restarting at 0, no
+    attention mask) and then one at a time must give the same last hidden
+    states. Families that take no position_ids (ALiBi: Bloom, MPT) or
+    attention kernels that get no mask from transformers let the second row
+    see the first, and are caught here, before any training.
+    """
+    param = next(model.parameters())
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(7, device=param.device) * 5 + 3) % vocab  # rows of 3 and 4 arbitrary tokens
+    rows = (ids[:3], ids[3:])
+    positions = torch.cat([torch.arange(len(row), device=param.device) for row in rows])
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        packed = model(input_ids=ids[None], position_ids=positions[None], attention_mask=None, use_cache=False,
+                       output_hidden_states=True).hidden_states[-1][0]
+        alone = torch.cat([model(input_ids=row[None], use_cache=False, output_hidden_states=True).hidden_states[-1][0]
+                           for row in rows])
+    except (TypeError, ValueError) as err:
+        raise UserError(f"padding_free: {type(model).__name__} cannot run packed rows ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]}); "
+                        "set padding_free: false") from None
+    finally:
+        model.train(was_training)
+    if not torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-4):
+        gap = float((packed.float() - alone.float()).abs().max())
+        raise UserError(f"padding_free: {type(model).__name__} (attention {model.config._attn_implementation}) lets "
+                        f"packed rows see each other (outputs differ by {gap:.2g} from the rows run alone); it cannot "
+                        "honour packed position_ids, set padding_free: false")
 
 
 def count_parameters(model: nn.Module) -> int:

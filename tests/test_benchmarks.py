@@ -19,3 +19,16 @@ def test_logprob_loops_benchmark_prints_json():
     result = json.loads(done.stdout)
     assert result["speedup_logps"] > 0 and set(result["median_s"]) == {"logps_per_row", "logps_chunked",
                                                                         "entropy_per_row", "entropy_chunked"}
+
+
+def test_padding_free_benchmark_prints_json():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "padding_free.py"), "--hidden", "16", "--layers", "1",
+                           "--heads", "2", "--intermediate", "32", "--vocab", "40", "--batch", "3", "--min_length", "4",
+                           "--max_length", "12", "--repeats", "2", "--threads", "1"], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    for stage in ("sft", "dpo"):
+        tokens = result[stage]["tokens_per_batch"]
+        assert 0 < tokens["packed"] <= tokens["padded"]  # packing never computes more positions than padding
+        assert result[stage]["speedup"] > 0

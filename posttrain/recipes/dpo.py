@@ -21,7 +21,7 @@ import torch
 
 from posttrain.data import collate_preferences, preference_examples, read_rows
 from posttrain.distributed import device
-from posttrain.losses import dpo_loss, masked_mean, sequence_logps
+from posttrain.losses import dpo_loss
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.training import autocast, finish, fit, setup_run
 
@@ -29,11 +29,11 @@ from posttrain.training import autocast, finish, fit, setup_run
 def pair_logps(model, batch, normalization: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chosen and rejected sequence log-probs from one forward over 2B rows.
 
-    Returns (chosen (B,), rejected (B,), token log-probs (2B, L-1)).
+    Returns (chosen (B,), rejected (B,), token log-probs (2B, L-1), or (1, N-1) when packed).
     """
     tokens = batch.tokens
-    logps = token_logps(model, tokens.input_ids, tokens.attention_mask)  # (2B, L-1)
-    seq = sequence_logps(logps, tokens.loss_mask, normalization)
+    logps = token_logps(model, tokens.input_ids, tokens.attention_mask, position_ids=tokens.position_ids)
+    seq = tokens.sequence_logps(logps, normalization)  # (2B,)
     half = seq.shape[0] // 2
     return seq[:half], seq[half:], logps
 
@@ -67,8 +67,7 @@ def dpo_step(cfg, policy, ref, batch, ref_table: torch.Tensor | None):
     loss = losses.mean()
     stats = {}
     if cfg.rpo_alpha:
-        half = chosen.shape[0]
-        nll = -masked_mean(logps[:half], batch.tokens.loss_mask[:half], dim=-1).mean()
+        nll = -batch.tokens.sequence_logps(logps, "mean")[:chosen.shape[0]].mean()  # chosen rows' mean token NLL
         loss = loss + cfg.rpo_alpha * nll
         stats["nll_loss"] = nll.detach()
     stats.update({
@@ -94,7 +93,7 @@ def main(cfg) -> None:
                    len(p.rejected.prompt_ids) + len(p.rejected.completion_ids)) for p in pairs]
 
     def make_batch(indices):
-        return collate_preferences([pairs[i] for i in indices], indices, tokenizer.pad_token_id)
+        return collate_preferences([pairs[i] for i in indices], indices, tokenizer.pad_token_id, cfg.padding_free)
 
     # 3. optionally score every pair with the reference once, then free it
     ref_table = None

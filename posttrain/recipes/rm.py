@@ -21,7 +21,7 @@ from posttrain.data import collate_preferences, preference_examples, read_rows
 from posttrain.distributed import device
 from posttrain.errors import UserError
 from posttrain.losses import reward_model_loss
-from posttrain.models import disable_dropout, load_scalar_model, load_tokenizer, prepare_for_training, sequence_scores
+from posttrain.models import disable_dropout, load_scalar_model, load_tokenizer, prepare_for_training, token_values
 from posttrain.training import autocast, finish, fit, setup_run
 
 PAD_TOKEN = "<|pad|>"  # added only when the tokenizer's pad would otherwise be its EOS
@@ -46,9 +46,10 @@ def use_distinct_pad(model, tokenizer) -> None:
 
 
 def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of chosen (B,) and rejected (B,) from one forward over 2B rows."""
+    """Scores of chosen (B,) and rejected (B,) from one forward over 2B rows, each read at its last token."""
     tokens = batch.tokens
-    scores = sequence_scores(model, tokens.input_ids, tokens.attention_mask)
+    values = token_values(model, tokens.input_ids, tokens.attention_mask, position_ids=tokens.position_ids)
+    scores = tokens.at_last_token(values)  # (2B,)
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
@@ -114,7 +115,7 @@ def main(cfg) -> None:
     lengths = [len(p.chosen.prompt_ids) + max(len(p.chosen.completion_ids), len(p.rejected.completion_ids)) for p in train]
 
     def batch_of(pairs):
-        return lambda idx: collate_preferences([pairs[i] for i in idx], idx, tokenizer.pad_token_id)
+        return lambda idx: collate_preferences([pairs[i] for i in idx], idx, tokenizer.pad_token_id, cfg.padding_free)
 
     evaluate = (lambda: {"eval/pair_accuracy": pair_accuracy(cfg, model, held_out, batch_of(held_out))}) if held_out else None
 

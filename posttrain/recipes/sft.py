@@ -32,7 +32,7 @@ def corpus_of(rows) -> list[str]:
 
 def sft_loss(model, batch):
     """Mean NLL of the response tokens. Returns (loss, stats)."""
-    logps = token_logps(model, batch.input_ids, batch.attention_mask)  # (B, L-1)
+    logps = token_logps(model, batch.input_ids, batch.attention_mask, position_ids=batch.position_ids)  # (B, L-1); packed (1, N-1)
     loss = -masked_mean(logps, batch.loss_mask)
     return loss, {"num_tokens": batch.loss_mask.sum()}
 
@@ -45,12 +45,13 @@ def main(cfg) -> None:
     tokenizer = load_tokenizer(model_path, chat_template_path=cfg.chat_template_path)
     model = prepare_for_training(load_causal_lm(model_path, allow_pickle=cfg.allow_pickle), cfg)
 
-    # 2. tokenise once; batches are collated on the fly with dynamic padding
+    # 2. tokenise once; batches are collated on the fly with dynamic padding (or packed: padding_free)
     examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
     lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in examples]
 
     def make_batch(indices):
-        return collate_examples([examples[i] for i in indices], tokenizer.pad_token_id, cfg.completion_only_loss)
+        return collate_examples([examples[i] for i in indices], tokenizer.pad_token_id, cfg.completion_only_loss,
+                                cfg.padding_free)
 
     evaluate = probe_from_config(cfg, model, tokenizer, max_new_tokens=8)
 
