@@ -110,7 +110,7 @@ def model_card(cfg, summary: dict, title: str) -> str:
     else:
         holds = "full weights in Hugging Face format"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {title} model ({stage})", "",
+             f"# {title} (posttrain {stage})", "",
              f"Trained with `posttrain {stage}`. This folder holds {holds}.", "",
              f"- base model: {base if not real_base else f'`{base}`'}",
              f"- stage: `{stage}`",
@@ -126,10 +126,15 @@ def model_card(cfg, summary: dict, title: str) -> str:
     for key, value in (summary.get("report") or {}).items():
         lines.append(f"| report/{key} | {_value(value)} |")
     lines += ["", "## Command", "", "```bash", command_line(), "```", "",
-              "## Loading", "", "```python", loading_code(cfg), "```", "",
-              f"With posttrain: `posttrain generate --model_name_or_path {shlex.quote(cfg.output_dir)}`, "
-              f"or `--model_name_or_path {shlex.quote(cfg.output_dir)}` for the next stage.", ""]
+              "## Loading", "", "```python", loading_code(cfg), "```", "", _posttrain_use(stage, cfg.output_dir), ""]
     return "\n".join(lines)
+
+
+def _posttrain_use(stage: str, output_dir: str) -> str:
+    path = shlex.quote(output_dir)
+    if stage == "rm":
+        return f"With posttrain: `posttrain ppo --reward_model_name_or_path {path}` (or grpo)."
+    return f"With posttrain: `posttrain generate --model_name_or_path {path} --prompt TEXT`, or `--model_name_or_path {path}` for the next stage."
 
 
 def write_model_card(cfg, summary: dict, title: str) -> Path:
