@@ -130,11 +130,21 @@ def adapter_base(path: str, field: str) -> str | None:
     return base
 
 
-def _merge_adapter_folder(model, path: str):
-    """``model`` (the adapter's base) with the adapter of folder ``path`` merged into its weights."""
-    from peft import PeftModel
+def _merge_adapter_folder(model, path: str, field: str):
+    """``model`` (the adapter's base) with the adapter of folder ``path`` merged into its weights.
 
-    return PeftModel.from_pretrained(model, path).merge_and_unload()
+    A causal LM's adapter also fits the trunk of a reward model or critic built
+    on the same base (its new head is not adapted); a reward model's adapter
+    carries a score head that a causal LM has no place for.
+    """
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(path)
+    if config.task_type == "SEQ_CLS" and not is_scalar_model(model):
+        raise UserError(f"{field}: {path!r} is a reward model's LoRA adapter, not a causal language model")
+    if config.task_type != "SEQ_CLS" and is_scalar_model(model):
+        config.task_type = None  # the plain peft wrapper: adapters on the trunk, nothing for generation
+    return PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
 
 
 def _check_dir(path: str, field: str, allow_pickle: bool = False) -> None:
@@ -205,7 +215,7 @@ def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool
     model = AutoModelForCausalLM.from_pretrained(base or path, dtype=torch.float32, use_safetensors=not allow_pickle,
                                                  trust_remote_code=False)
     if base is not None:
-        model = _merge_adapter_folder(model, path)
+        model = _merge_adapter_folder(model, path, field)
     model = model.to(device())
     return model.train() if trainable else freeze(model)
 
@@ -234,7 +244,7 @@ def load_scalar_model(path: str, field: str, trainable: bool = True, allow_pickl
     if not _was_trained_as_scalar(path):
         nn.init.zeros_(model.score.weight)
     if base is not None:
-        model = _merge_adapter_folder(model, path)
+        model = _merge_adapter_folder(model, path, field)
     model.to(device())
     return model.train() if trainable else freeze(model)
 

@@ -120,6 +120,13 @@ def test_tiny_adapter_only_run_saves_its_base(tmp_path, arith_data):
     tokenizer = load_tokenizer(str(out))
     ids = torch.tensor([tokenizer("1+2=3", add_special_tokens=False)["input_ids"]])
     assert (logits_of(model, ids) - logits_of(base, ids)).abs().max() > 1e-4, "the merged adapter changed the model"
+    # the next stage's reward model or critic starts from the adapted trunk, with a new head at 0
+    scalar = load_scalar_model(str(out), "critic_model_name_or_path", trainable=False)
+    assert float(scalar.score.weight.abs().max()) == 0.0
+    trunk, causal = scalar.model.state_dict(), model.model.state_dict()
+    assert trunk.keys() == causal.keys()
+    for name, value in causal.items():
+        torch.testing.assert_close(trunk[name], value, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("stage, dropout_off", [("sft", False), ("dpo", True)])
@@ -182,5 +189,7 @@ def test_rm_with_lora_trains_only_adapters_and_the_score_head(tmp_path, tiny_qwe
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     else:
         assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+        with pytest.raises(UserError, match="is a reward model's LoRA adapter, not a causal language model"):
+            load_causal_lm(str(out))
     assert read_metrics(out / "metrics.jsonl")[-1]["step"] == 2
     assert cfg.use_peft
