@@ -344,11 +344,18 @@ def _plain_class(module: nn.Module) -> type:
     return next(c for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed"))
 
 
-def save_pretrained(model, tokenizer, output_dir: str | Path, replica=None) -> None:
-    """Final model in Hugging Face format, directly in output_dir, written by rank 0; LoRA adapters are merged first.
+def save_pretrained(model, tokenizer, output_dir: str | Path, replica=None, merge_adapter: bool = True,
+                    copy_base: bool = False) -> None:
+    """Final model in Hugging Face format, directly in output_dir, written by rank 0.
+
+    A LoRA model is saved as peft saves it (adapter_config.json,
+    adapter_model.safetensors): with ``merge_adapter`` in output_dir/adapter/,
+    beside the merged full weights in output_dir; without, alone in
+    output_dir. ``copy_base`` also writes the adapter's base model to
+    output_dir/base/ and points the adapter there (for a base in a temporary folder).
 
     Under FSDP2 every rank calls it: the full state dict is gathered to rank 0
-    (on the CPU) first. A sharded LoRA model is merged on ``replica()``, an
+    (on the CPU) first. A sharded LoRA model is saved from ``replica()``, an
     unsharded copy of the model that rank 0 builds to load it into.
     """
     output_dir = Path(output_dir)
@@ -363,23 +370,50 @@ def save_pretrained(model, tokenizer, output_dir: str | Path, replica=None) -> N
         state = None
     elif state is not None:
         state = _untied(state, model)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = output_dir / ".final.tmp"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    wrapped_class = type(model)
-    model.__class__ = _plain_class(model)  # so config.json names the transformers class, not the wrapper
-    try:
-        model.save_pretrained(str(staging), state_dict=state)
-    finally:
-        model.__class__ = wrapped_class
+    if hasattr(model, "merge_and_unload"):
+        adapter = staging / "adapter" if merge_adapter else staging
+        _save_adapter(model, adapter)
+        if copy_base:
+            shutil.copytree(model.peft_config["default"].base_model_name_or_path, staging / "base")
+            _point_adapter_at(adapter, output_dir / "base")
+        model = model.merge_and_unload() if merge_adapter else None
+    if model is not None:
+        wrapped_class = type(model)
+        model.__class__ = _plain_class(model)  # so config.json names the transformers class, not the wrapper
+        try:
+            model.save_pretrained(str(staging), state_dict=state)
+        finally:
+            model.__class__ = wrapped_class
     if tokenizer is not None:
         tokenizer.save_pretrained(str(staging))
     _fsync_tree(staging)
     for f in staging.iterdir():
+        if (output_dir / f.name).is_dir():
+            shutil.rmtree(output_dir / f.name)
         os.replace(f, output_dir / f.name)
     staging.rmdir()
     distributed.barrier()
+
+
+def _save_adapter(model, folder: Path) -> None:
+    """The peft adapter files of ``model`` (adapter_config.json, adapter_model.safetensors) in ``folder``."""
+    wrapped_class = type(model)
+    model.__class__ = _plain_class(model)
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        model.__class__ = wrapped_class
+    (folder / "README.md").unlink(missing_ok=True)  # peft's blank card: the run writes its own
+
+
+def _point_adapter_at(folder: Path, base: Path) -> None:
+    """Set the adapter's base_model_name_or_path (an absolute path, as peft loads it from any working directory)."""
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(base.resolve())
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -78,13 +78,19 @@ class CommonConfig:
     bf16: bool = False
     """Run forward and backward under bfloat16 autocast (weights and optimizer stay fp32)."""
     use_peft: bool = False
-    """Train LoRA adapters instead of all weights (the reference is the base with adapters off)."""
+    """Train LoRA adapters instead of all weights (the reference is the base with adapters off); a reward model
+    trains its adapters and its `score` head, a separate PPO critic every weight."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_target_modules: str = "all-linear"
     """Comma-separated module names to adapt, or `all-linear`."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of each LoRA branch (off anyway where disable_dropout is true)."""
+    merge_adapter: bool = True
+    """With use_peft: true writes merged full weights to output_dir and the peft adapter to output_dir/adapter/;
+    false writes only the adapter (adapter_config.json, adapter_model.safetensors) to output_dir."""
     fsdp: bool = False
     """Under torchrun, shard weights, gradients and optimizer state with FSDP2 (per decoder layer) instead of DDP."""
     chat_template_path: str = ""
@@ -93,6 +99,8 @@ class CommonConfig:
     """torch CPU threads (0: leave torch's default)."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: list = field(default_factory=lambda: ["none"])
+    """Where metrics go besides metrics.jsonl (always written): none | jsonl | tensorboard (output_dir/runs/) | wandb."""
 
 
 @dataclass
@@ -531,6 +539,7 @@ _RANGES: dict = {
     "max_nonfinite_steps": _ge(1),
     "lora_r": _ge(1),
     "lora_alpha": _gt(0),
+    "lora_dropout": _within(0, 1),
     "num_threads": _ge(0),
     "tiny_num_heads": _ge(1),
     "tiny_hidden_size": (lambda v, cfg: v >= 1 and cfg.tiny_num_heads >= 1 and v % cfg.tiny_num_heads == 0,
@@ -610,6 +619,7 @@ def validate(stage: str, cfg, sources: dict | None = None, check_paths: bool = F
             if name in _RANGES_READ and name not in (sources or {}) and _RANGES_READ[name] in (sources or {}):
                 sources = {**sources, name: sources[_RANGES_READ[name]]}
             raise UserError(f"{_field(name, sources)} must be {text.format_map(vars(cfg))}, got {value!r}")
+    _check_report_to(cfg, sources)
     if not cfg.dataset_name:
         raise UserError(f"field 'dataset_name' is required for `posttrain {stage}`")
     if stage in ("ppo", "grpo") and cfg.reward_weights:
@@ -628,6 +638,23 @@ def validate(stage: str, cfg, sources: dict | None = None, check_paths: bool = F
         _check_paths(cfg, sources)
 
 
+REPORT_TO = ("none", "jsonl", "tensorboard", "wandb")
+_REPORT_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def _check_report_to(cfg, sources: dict | None) -> None:
+    """Known logging backends, whose packages are installed (checked before anything is trained)."""
+    import importlib.util
+
+    for name in cfg.report_to:
+        if name not in REPORT_TO:
+            raise UserError(f"{_field('report_to', sources)}: {name!r} is not one of {', '.join(REPORT_TO)}")
+        package = _REPORT_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(f"{_field('report_to', sources)}: {name} is not installed (pip install {package}), "
+                            f"or drop it from report_to")
+
+
 _MODEL_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "reward_model_name_or_path", "critic_model_name_or_path")
 _DATA_FIELDS = ("dataset_name", "eval_dataset_name")
 
@@ -639,7 +666,7 @@ def _check_paths(cfg, sources: dict | None) -> None:
         tiny = name == "model_name_or_path" and path == "tiny"
         if not path or (tiny and hasattr(cfg, "tiny_hidden_size")):
             continue
-        if not Path(path, "config.json").is_file():
+        if not Path(path, "config.json").is_file() and not Path(path, "adapter_config.json").is_file():
             hint = "; only posttrain sft builds the embedded tiny model" if tiny else ""
             raise UserError(f"{_field(name, sources)}: {path!r} is not a local model folder (no config.json); "
                             f"posttrain never downloads models{hint}")

@@ -1,14 +1,16 @@
-"""metrics.jsonl writer, progress bar, run summary and plots/*.png."""
+"""metrics.jsonl writer, logging backends (tensorboard, wandb), progress bar, run summary and plots/*.png."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from pathlib import Path
 
 from posttrain import distributed
+from posttrain.errors import UserError
 
 
 def peak_rss_mb() -> float:
@@ -16,14 +18,84 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class Backend:
+    """Somewhere logged records go besides metrics.jsonl; opened, fed and closed on rank 0 only."""
+
+    def log(self, step: int, values: dict) -> None:
+        raise NotImplementedError
+
+    def close(self, failed: bool = False) -> None:
+        """Flush and release; ``failed`` when the run ends with an error."""
+
+
+def _scalars(values: dict) -> dict:
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoardBackend(Backend):
+    """Event files under ``log_dir`` via torch's SummaryWriter, one scalar series per metric."""
+
+    def __init__(self, log_dir: Path, start_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # a resumed run drops the events past its checkpoint, as metrics.jsonl drops those lines
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, step: int, values: dict) -> None:
+        for key, value in _scalars(values).items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self, failed: bool = False) -> None:
+        self.writer.close()
+
+
+class WandbBackend(Backend):
+    """A Weights & Biases run, offline (files under output_dir/wandb/) unless WANDB_MODE or WANDB_API_KEY is set."""
+
+    def __init__(self, output_dir: str, run_name: str, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("report_to: wandb is not installed (pip install wandb), or drop it from report_to") from None
+        online = os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "posttrain", name=run_name or None,
+                              dir=str(output_dir), config=config, mode=None if online else "offline")
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log(_scalars(values), step=step)
+
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def open_backends(cfg, start_step: int = 0) -> list[Backend]:
+    """The backends named in ``report_to`` (rank 0; none elsewhere). `none` and `jsonl` add none: metrics.jsonl is always written."""
+    if not distributed.is_main():
+        return []
+    from dataclasses import asdict
+
+    backends: list[Backend] = []
+    for name in dict.fromkeys(getattr(cfg, "report_to", ())):
+        if name == "tensorboard":
+            log_dir = getattr(cfg, "logging_dir", "") or Path(cfg.output_dir) / "runs"
+            backends.append(TensorBoardBackend(Path(log_dir), start_step))
+        elif name == "wandb":
+            backends.append(WandbBackend(cfg.output_dir, getattr(cfg, "run_name", ""), asdict(cfg)))
+    return backends
+
+
 class MetricsLogger:
-    """Appends one JSON object per logged step; on resume drops lines past the checkpoint."""
+    """Appends one JSON object per logged step (and hands it to each backend); on resume drops lines past the checkpoint.
+
+    Used as a context manager it also closes on an error.
+    """
 
     def __init__(self, output_dir: str, total_steps: int, start_step: int = 0, elapsed_s: float = 0.0,
-                 progress: bool = True, desc: str = "train"):
+                 progress: bool = True, desc: str = "train", backends: list[Backend] | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.start_time = time.time() - elapsed_s
         self.main = distributed.is_main()
+        self.backends = list(backends or [])
         if self.main:
             kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -42,6 +114,8 @@ class MetricsLogger:
         if self.main:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            for backend in self.backends:
+                backend.log(step, {k: v for k, v in record.items() if k != "step"})
             if self.bar is not None:
                 shown = {k: f"{record[k]:.3g}" for k in ("loss", "reward", "accuracy") if isinstance(record.get(k), float)}
                 self.bar.set_postfix(shown, refresh=False)
@@ -51,9 +125,21 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the bar and every backend (once; later calls do nothing)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        backends, self.backends = self.backends, []
+        for backend in backends:
+            backend.close(failed)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.close(failed=kind is not None)
+        return False
 
 
 def _plain(value):

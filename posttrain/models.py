@@ -110,9 +110,49 @@ def build_tiny_model(corpus: list[str], output_dir: str | Path, seed: int = 0, h
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str, field: str) -> str | None:
+    """The base model folder of a peft adapter folder (adapter_config.json); None for a plain model folder."""
+    import json
+
+    file = Path(path) / ADAPTER_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        base = json.loads(file.read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{field}: {file} is not a readable peft adapter config (no base_model_name_or_path)") from None
+    if not isinstance(base, str) or not (Path(base) / "config.json").is_file():
+        raise UserError(f"{field}: {path!r} is a LoRA adapter whose base model {base!r} is not a local model folder "
+                        f"(base_model_name_or_path in {ADAPTER_CONFIG}); posttrain never downloads models")
+    return base
+
+
+def _merge_adapter_folder(model, path: str, field: str):
+    """``model`` (the adapter's base) with the adapter of folder ``path`` merged into its weights.
+
+    A causal LM's adapter also fits the trunk of a reward model or critic built
+    on the same base (its new head is not adapted); a reward model's adapter
+    carries a score head that a causal LM has no place for.
+    """
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(path)
+    if config.task_type == "SEQ_CLS" and not is_scalar_model(model):
+        raise UserError(f"{field}: {path!r} is a reward model's LoRA adapter, not a causal language model")
+    if config.task_type != "SEQ_CLS" and is_scalar_model(model):
+        config.task_type = None  # the plain peft wrapper: adapters on the trunk, nothing for generation
+    return PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
+
+
 def _check_dir(path: str, field: str, allow_pickle: bool = False) -> None:
     """A local model folder whose weights are safetensors (pickle weights only with ``allow_pickle``)."""
     folder = Path(path)
+    if (folder / ADAPTER_CONFIG).is_file():  # an adapter folder: its base is checked where it is loaded
+        adapter_base(path, field)
+        return
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise UserError(f"{field}: {path!r} is not a local model folder (no config.json); "
                         "posttrain never downloads models")
@@ -136,7 +176,9 @@ def load_tokenizer(path: str, field: str = "model_name_or_path", chat_template_p
     from transformers import AutoTokenizer
 
     _check_dir(path, field, allow_pickle=True)  # (the weights are checked where they are loaded)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = adapter_base(path, field)
+    tokenizer = AutoTokenizer.from_pretrained(path if base is None or (Path(path) / "tokenizer_config.json").is_file()
+                                              else base)
     if tokenizer.pad_token is None:
         spare = [t for t in (tokenizer.unk_token, tokenizer.bos_token) if t is not None and t != tokenizer.eos_token]
         tokenizer.pad_token = (spare or [tokenizer.eos_token])[0]
@@ -162,12 +204,19 @@ def apply_chat_template_file(tokenizer, path: str) -> None:
 
 
 def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool = True, allow_pickle: bool = False):
-    """AutoModelForCausalLM in float32 (bf16 runs use autocast over fp32 master weights); never remote code."""
+    """AutoModelForCausalLM in float32 (bf16 runs use autocast over fp32 master weights); never remote code.
+
+    A LoRA adapter folder (``merge_adapter: false``) loads its base and merges the adapter into it.
+    """
     from transformers import AutoModelForCausalLM
 
-    _check_dir(path, field, allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=not allow_pickle,
-                                                 trust_remote_code=False).to(device())
+    base = adapter_base(path, field)
+    _check_dir(base or path, field, allow_pickle)
+    model = AutoModelForCausalLM.from_pretrained(base or path, dtype=torch.float32, use_safetensors=not allow_pickle,
+                                                 trust_remote_code=False)
+    if base is not None:
+        model = _merge_adapter_folder(model, path, field)
+    model = model.to(device())
     return model.train() if trainable else freeze(model)
 
 
@@ -175,15 +224,17 @@ def load_scalar_model(path: str, field: str, trainable: bool = True, allow_pickl
     """A reward model or critic: AutoModelForSequenceClassification with num_labels=1.
 
     From a causal-LM checkpoint the trunk is reused and the scalar head `score`
-    starts at zero, so a new critic predicts 0 everywhere.
+    starts at zero, so a new critic predicts 0 everywhere. A LoRA adapter folder
+    loads its base and merges the adapter (and a reward model's trained head) into it.
     """
     from transformers import AutoModelForSequenceClassification, logging
 
-    _check_dir(path, field, allow_pickle)
+    base = adapter_base(path, field)
+    _check_dir(base or path, field, allow_pickle)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "newly initialized score weights" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+        model = AutoModelForSequenceClassification.from_pretrained(base or path, num_labels=1, dtype=torch.float32,
                                                                    use_safetensors=not allow_pickle,
                                                                    trust_remote_code=False)
     finally:
@@ -192,6 +243,8 @@ def load_scalar_model(path: str, field: str, trainable: bool = True, allow_pickl
         model.config.pad_token_id = model.config.eos_token_id
     if not _was_trained_as_scalar(path):
         nn.init.zeros_(model.score.weight)
+    if base is not None:
+        model = _merge_adapter_folder(model, path, field)
     model.to(device())
     return model.train() if trainable else freeze(model)
 
@@ -199,6 +252,8 @@ def load_scalar_model(path: str, field: str, trainable: bool = True, allow_pickl
 def _was_trained_as_scalar(path: str) -> bool:
     import json
 
+    if (Path(path) / ADAPTER_CONFIG).is_file():  # a reward model's adapter carries its trained head
+        return json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("task_type") == "SEQ_CLS"
     config = json.loads((Path(path) / "config.json").read_text())
     return any("SequenceClassification" in a for a in config.get("architectures") or [])
 
@@ -227,21 +282,42 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_lora(model, r: int, alpha: int, target_modules: str):
+def is_scalar_model(model) -> bool:
+    """A reward model or critic (a sequence-classification model with its `score` head)."""
+    return hasattr(unwrap_peft(model), "score")
+
+
+def apply_lora(model, r: int, alpha: int, target_modules: str, dropout: float = 0.0):
+    """Wrap ``model`` in peft LoRA adapters; everything else is frozen.
+
+    A reward model (sequence classification) trains its new `score` head in
+    full beside the adapters (``modules_to_save``): a frozen zero head would
+    score every sequence 0.
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+    scalar = is_scalar_model(model)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
+                        task_type="SEQ_CLS" if scalar else "CAUSAL_LM", modules_to_save=["score"] if scalar else None)
     return get_peft_model(model, config)
 
 
-def unsharded_replica(model, cfg):
-    """A CPU copy of ``model``'s architecture (base weights + LoRA layers) to gather sharded weights into."""
-    from transformers import AutoModelForCausalLM
+def unsharded_replica(model):
+    """A CPU copy of ``model``'s architecture (transformers model + the same LoRA layers) to gather sharded weights into.
 
-    base_path = model.peft_config["default"].base_model_name_or_path
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    return apply_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+    Built from the live model's own config, so a reward model's pad id and a
+    resized vocabulary come along; every weight is then loaded from the gathered state.
+    """
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    live = unwrap_peft(model)
+    auto = AutoModelForSequenceClassification if is_scalar_model(model) else AutoModelForCausalLM
+    base = auto.from_config(copy.deepcopy(live.config), dtype=torch.float32)
+    return get_peft_model(base, copy.deepcopy(model.peft_config["default"]))
 
 
 def prepare_for_training(model, cfg):
@@ -251,7 +327,9 @@ def prepare_for_training(model, cfg):
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if cfg.use_peft:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
+        if getattr(cfg, "disable_dropout", False):  # the LoRA branches' dropout too (see disable_dropout)
+            disable_dropout(model)
     return distributed.wrap(model, cfg.fsdp, cfg.bf16)
 
 

@@ -271,7 +271,8 @@ def fit(
     window = StatsWindow()
     window.load(saved.get("window"))
 
-    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc)
+    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc,
+                                   metrics.open_backends(cfg, step))
     record: dict = {}
     model.train()
 
@@ -281,7 +282,7 @@ def fit(
                                           {"epoch": epoch, "micro": micro, "elapsed_s": logger.elapsed_s,
                                            "window": window.state()}, cfg.save_total_limit)
 
-    with Interrupts() as interrupts:
+    with Interrupts() as interrupts, logger:  # the logger closes on an error too
         while step < steps:
             batches = epoch_batches(epoch)
             while micro < len(batches) and step < steps:
@@ -321,14 +322,23 @@ def fit(
 
 
 def finish(cfg, model, tokenizer, record: dict, title: str, extra: dict | None = None) -> None:
-    """Final HF-format save (rank 0), plots and summary.json: the last step of every recipe."""
+    """Final HF-format save (rank 0), plots, summary.json and README.md: the last step of every recipe.
+
+    A LoRA run built on the embedded `tiny` model also saves that base (output_dir/base/): its
+    temporary folder is gone once the run exits, and the adapter needs it.
+    """
+    from posttrain import modelcard
     from posttrain.models import unsharded_replica
 
-    checkpoint.save_pretrained(model, tokenizer, cfg.output_dir, replica=lambda: unsharded_replica(model, cfg))
+    checkpoint.save_pretrained(model, tokenizer, cfg.output_dir, replica=lambda: unsharded_replica(model),
+                               merge_adapter=cfg.merge_adapter, copy_base=cfg.model_name_or_path == "tiny")
     metrics.plot_metrics(cfg.output_dir, title)
     summary = {"wall_s": record.get("wall_s"), "peak_rss_mb": round(metrics.peak_rss_mb(), 1),
                "final": record, **(extra or {})}
     metrics.write_summary(cfg.output_dir, summary)
+    if distributed.is_main():
+        modelcard.write_model_card(cfg, summary, title)
+        print(modelcard.run_summary(cfg, summary), flush=True)
 
 
 class PromptStream:
@@ -385,7 +395,8 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
     step = saved.get("step", 0)
     stream = PromptStream(num_prompts, cfg.per_device_train_batch_size * distributed.world_size(), cfg.seed,
                           saved.get("epoch", 0), saved.get("position", 0))
-    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc)
+    logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc,
+                                   metrics.open_backends(cfg, step))
     window, record = StatsWindow(), {}
     window.load(saved.get("window"))
 
@@ -394,7 +405,7 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
                                           {**state, "elapsed_s": logger.elapsed_s, **stream.state(),
                                            "window": window.state()}, cfg.save_total_limit)
 
-    with Interrupts() as interrupts:
+    with Interrupts() as interrupts, logger:  # the logger closes on an error too
         while step < steps:
             rl_step(distributed.rank_share(stream.next()), window, state)
             scheduler.step()

@@ -50,6 +50,7 @@ RANGES = {
     "max_nonfinite_steps": (1, False, None, None),
     "lora_r": (1, False, None, None),
     "lora_alpha": (0, True, None, None),
+    "lora_dropout": (0, False, 1, True),
     "num_threads": (0, False, None, None),
     "tiny_num_heads": (1, False, None, None),
     "tiny_num_layers": (1, False, None, None),
@@ -163,6 +164,9 @@ def wrong_type(kind: str, name: str) -> tuple[st.SearchStrategy, st.SearchStrate
     if name == "reward_weights":
         return st.sampled_from(["x", "1,nan", "inf", "1,two", "true"]), \
             st.sampled_from([["a"], [True], [math.nan], [math.inf], [None], {"a": 1}, False])
+    if name == "report_to":
+        return st.sampled_from(["mlflow", "tensorboard,comet", "5", "all"]), \
+            st.sampled_from([[1], [True], [None], ["tensorboard", "x"], {"a": 1}, True])
     raise AssertionError(f"no strategy for {kind} field {name}")
 
 

@@ -19,7 +19,6 @@ import torch
 
 from posttrain.data import collate_preferences, preference_examples, read_rows
 from posttrain.distributed import device
-from posttrain.errors import UserError
 from posttrain.losses import reward_model_loss
 from posttrain.models import disable_dropout, load_scalar_model, load_tokenizer, prepare_for_training, token_values
 from posttrain.training import autocast, finish, fit, setup_run
@@ -104,10 +103,7 @@ def main(cfg) -> None:
     if cfg.disable_dropout:  # chosen and rejected are scored by the same deterministic function
         disable_dropout(model)
     use_distinct_pad(model, tokenizer)
-    if cfg.use_peft:  # never silently train every weight when adapters were asked for
-        raise UserError("use_peft: LoRA is not offered for reward models yet (the scalar head needs the full trunk); "
-                        "drop --use_peft")
-    model = prepare_for_training(model, cfg)  # checkpointing, then DDP / FSDP2 under torchrun
+    model = prepare_for_training(model, cfg)  # checkpointing, LoRA (adapters + score head), DDP / FSDP2 under torchrun
 
     # 2. tokenise the pairs
     train = preference_examples(train_rows, tokenizer, cfg.max_length, cfg.max_prompt_length)

@@ -89,6 +89,11 @@ def runs(tmp_path_factory, tiny_qwen, arith_data):
                  "--num_threads", "1", "--progress", "false", "--max_steps", "2", "--per_device_train_batch_size", "4",
                  "--logging_steps", "1", "--fsdp", "true", "--use_peft", "true", "--lora_r", "4",
                  "--gradient_checkpointing", "true", "--learning_rate", "1e-2", "--output_dir", str(root / "lora_dpo")])
+    # a LoRA reward model (adapters + score head) saved from the unsharded replica
+    fsdp.append(["rm", "--model_name_or_path", str(tiny_qwen), "--dataset_name", str(data["preference"]),
+                 "--num_threads", "1", "--progress", "false", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                 "--logging_steps", "1", "--fsdp", "true", "--use_peft", "true", "--lora_r", "4", "--eval_split", "0",
+                 "--learning_rate", "1e-2", "--output_dir", str(root / "lora_rm")])
     launch(fsdp, root, 2)
     return {"root": root, "model": tiny_qwen, "data": data}
 
@@ -148,6 +153,26 @@ def test_fsdp_with_lora_and_checkpointing_trains_adapters_and_saves_merged_weigh
     assert not any("lora" in k for k in merged), "the adapters are merged into plain weights"
     moved = max_difference(out, Path(runs["model"]))
     assert moved > 1e-4, "the merged adapters changed the weights"
+    # the peft adapter saved beside them is the same model: base + adapter, merged by peft
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(runs["model"], dtype=torch.float32)
+    by_peft = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload().state_dict()
+    for name, value in merged.items():
+        torch.testing.assert_close(by_peft[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_fsdp_with_lora_reward_model_saves_adapter_and_trained_head(runs):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out = runs["root"] / "lora_rm"
+    merged = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+    assert float(merged.score.weight.detach().abs().max()) > 0, "the score head starts at 0 and trained"
+    base = AutoModelForSequenceClassification.from_pretrained(runs["model"], num_labels=1, dtype=torch.float32)
+    by_peft = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload().state_dict()
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(by_peft[name], value, rtol=0, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
