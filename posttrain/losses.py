@@ -422,9 +422,9 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
     """z = (h W^T + b) / T for one chunk, upcast to ``dtype``; also the dtype the head itself produced."""
     logits = F.linear(hidden, weight, bias)  # under the caller's autocast, as the model's own head runs
-    scaled = logits.to(dtype)
+    scaled = logits.to(dtype)  # (gradients are off here, so the chunk is scaled in place)
     if temperature != 1.0:
-        scaled = scaled / temperature
+        scaled.div_(temperature)
     return scaled, logits.dtype
 
 
@@ -473,22 +473,26 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                 rows = slice(start, start + ctx.chunk_tokens)
                 h = hidden[rows]
                 logp = _head_logits(h, weight, bias, ctx.temperature, ctx.dtype)[0].sub_(lse[rows, None])
-                p = logp.exp()
-                # d log p_y / dz = onehot(y) - p;  dH/dz = -p (log p + H);  z = logits / T
-                grad_z = torch.zeros_like(p)
-                if grad_logps is not None:
-                    g = grad_logps[rows].to(ctx.dtype)
-                    grad_z.addcmul_(p, g[:, None], value=-1.0).scatter_add_(1, targets[rows, None], g[:, None])
+                # d log p_y / dz = onehot(y) - p and dH/dz = -p (log p + H), so with upstream a (log-probs)
+                # and b (entropy): dL/dz = a·onehot(y) - p·(a + b·(log p + H)); two (C, V) buffers, in place
+                grad_z = logp.exp()
+                a = grad_logps[rows, None].to(ctx.dtype) if grad_logps is not None else None
                 if grad_entropy is not None and entropy is not None:
-                    g = grad_entropy[rows].to(ctx.dtype)
-                    grad_z.sub_(p.mul_(logp.add_(entropy[rows, None])).mul_(g[:, None]))
-                del logp, p
+                    coef = logp.add_(entropy[rows, None]).mul_(grad_entropy[rows, None].to(ctx.dtype))
+                    grad_z.mul_(coef if a is None else coef.add_(a)).neg_()
+                else:
+                    grad_z.mul_(-a)
+                del logp
+                if a is not None:
+                    grad_z.scatter_add_(1, targets[rows, None], a)
                 if ctx.temperature != 1.0:
                     grad_z.div_(ctx.temperature)
                 grad_logits = grad_z.to(ctx.logits_dtype)  # the dtype the head's own backward would see
                 if need_hidden:
                     grad_hidden[rows] = (grad_logits @ weight).to(hidden.dtype)
-                if need_weight:
+                if need_weight and grad_logits.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad_logits.t(), h)  # in place: no second (V, H) buffer
+                elif need_weight:  # autocast: the bf16 product, summed in float32
                     grad_weight += grad_logits.t() @ h
                 if need_bias:
                     grad_bias += grad_logits.sum(0)
@@ -505,10 +509,12 @@ def chunked_head_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     The LM head is applied to ``chunk_tokens`` positions at a time; the forward
     keeps only each position's logsumexp and target log-prob, and the backward
     recomputes each chunk's logits to form dL/dz = g·(onehot(y) - softmax(z))
-    (the log-softmax gradient), then dL/dh = dL/dz·W and dL/dW = Σ dL/dzᵀ·h —
-    the "fused linear cross-entropy" of Liger-Kernel (arXiv 2410.10989, §3.2)
-    and of Cut Cross-Entropy (arXiv 2411.09009), recomputing instead of storing.
-    Extra memory is one chunk of logits (and its gradient), not B·T·V values.
+    (the log-softmax gradient), then dL/dh = dL/dz·W and dL/dW = Σ dL/dzᵀ·h:
+    the fused linear cross-entropy of Liger-Kernel (arXiv 2410.10989) and Cut
+    Cross-Entropy (arXiv 2411.09009), with each chunk's logits recomputed in the
+    backward instead of its gradient kept from the forward (so the upstream
+    gradient may be anything, not only a mean loss known in advance).
+    Extra memory is two chunks of logits, not B·T·V values.
     Under autocast the head runs in the autocast dtype in the forward and in the
     backward alike, as the model's own head would; statistics are float32.
 
