@@ -408,8 +408,9 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).view(logits.shape[:-1])
 
 
-# Tokens per chunk of the chunked LM head: 2^25 logits a chunk (128 MB in float32, 224 tokens at V = 152k),
-# the point past which larger chunks bought no more speed (benchmarks/logprob_memory.py --chunk-sweep)
+# Tokens per chunk of the chunked LM head: 2^25 logits a chunk (128 MB in float32, 220 tokens at V = 151,936),
+# the point past which larger chunks bought no more speed, only memory: 512 tokens at V = 151,936, H = 896 took
+# 44 / 31 / 27 / 27 s with chunks of 32 / 96 / 220 / 512 tokens (CPU; benchmarks/logprob_memory.py --chunk-sweep)
 HEAD_CHUNK_LOGITS = 1 << 25
 
 
