@@ -339,10 +339,11 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     positions derived from the mask (packed rows restart at 0; the mask may then be None).
 
     The (B, K, V) logits are never held: the forward runs through the root
-    module (where DDP / FSDP2 hook in) with the head applied to no position,
-    and ``losses.chunked_head_logps`` applies the head to the trunk's last
-    hidden states a chunk of positions at a time, forward and backward.
-    Models that ``chunkable_head`` rejects take the logits from the forward.
+    module (where DDP hooks in) with the head applied to no position, and
+    ``losses.chunked_head_logps`` applies the head to the trunk's last hidden
+    states a chunk of positions at a time, forward and backward. Models that
+    ``chunkable_head`` rejects take the logits from the forward, FSDP2 ones
+    among them (their head's weights are whole only inside the root's forward).
     """
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
