@@ -35,6 +35,7 @@ __all__ = [
     "group_advantages",
     "aggregate_loss",
     "entropy_from_logits",
+    "chunked_head_logps",
     "explained_variance",
 ]
 
@@ -425,6 +426,133 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     if not parts:
         return logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
     return torch.cat(parts).view(logits.shape[:-1])
+
+
+# Tokens per chunk of the chunked LM head: 2^25 logits a chunk (128 MB in float32, 220 tokens at V = 151,936),
+# the point past which larger chunks bought no more speed, only memory: 512 tokens at V = 151,936, H = 896 took
+# 44 / 31 / 27 / 27 s with chunks of 32 / 96 / 220 / 512 tokens (CPU; benchmarks/logprob_memory.py --chunk-sweep)
+HEAD_CHUNK_LOGITS = 1 << 25
+
+
+def head_chunk_tokens(vocab: int) -> int:
+    """Default token positions per chunk of ``chunked_head_logps`` for a vocabulary of ``vocab``."""
+    return max(1, HEAD_CHUNK_LOGITS // max(1, vocab))
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+    """z = (h W^T + b) / T for one chunk, upcast to ``dtype``; also the dtype the head itself produced."""
+    logits = F.linear(hidden, weight, bias)  # under the caller's autocast, as the model's own head runs
+    scaled = logits.to(dtype)  # (gradients are off here, so the chunk is scaled in place)
+    if temperature != 1.0:
+        scaled.div_(temperature)
+    return scaled, logits.dtype
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """Forward and backward of ``chunked_head_logps``; the logits of a chunk live only while it is processed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_tokens, return_entropy, entropy_grad):
+        device_type = hidden.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        dtype = torch.promote_types(hidden.dtype, torch.promote_types(weight.dtype, torch.float32))
+        n = hidden.shape[0]
+        logps = hidden.new_empty(n, dtype=dtype)
+        lse = hidden.new_empty(n, dtype=dtype)
+        entropy = hidden.new_empty(n, dtype=dtype) if return_entropy else None
+        ctx.logits_dtype = dtype
+        for start in range(0, n, chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            z, ctx.logits_dtype = _head_logits(hidden[rows], weight, bias, temperature, dtype)
+            lse[rows] = z.logsumexp(-1)
+            logps[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+            if return_entropy:  # -Σ p log p; head logits are finite, so there are no 0·(-inf) terms
+                logp = z.sub_(lse[rows, None])
+                entropy[rows] = -logp.exp().mul_(logp).sum(-1)
+        ctx.temperature, ctx.chunk_tokens, ctx.dtype = temperature, chunk_tokens, dtype
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if entropy_grad else None)
+        ctx.set_materialize_grads(False)
+        if not return_entropy:
+            return logps
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy=None):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if grad_logps is None and (grad_entropy is None or entropy is None):
+            return None, None, None, None, None, None, None, None
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=ctx.dtype) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=ctx.dtype) if need_bias else None
+        device_type, enabled, autocast_dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=enabled):
+            for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+                rows = slice(start, start + ctx.chunk_tokens)
+                h = hidden[rows]
+                logp = _head_logits(h, weight, bias, ctx.temperature, ctx.dtype)[0].sub_(lse[rows, None])
+                # d log p_y / dz = onehot(y) - p and dH/dz = -p (log p + H), so with upstream a (log-probs)
+                # and b (entropy): dL/dz = a·onehot(y) - p·(a + b·(log p + H)); two (C, V) buffers, in place
+                grad_z = logp.exp()
+                a = grad_logps[rows, None].to(ctx.dtype) if grad_logps is not None else None
+                if grad_entropy is not None and entropy is not None:
+                    coef = logp.add_(entropy[rows, None]).mul_(grad_entropy[rows, None].to(ctx.dtype))
+                    grad_z.mul_(coef if a is None else coef.add_(a)).neg_()
+                else:
+                    grad_z.mul_(-a)
+                del logp
+                if a is not None:
+                    grad_z.scatter_add_(1, targets[rows, None], a)
+                if ctx.temperature != 1.0:
+                    grad_z.div_(ctx.temperature)
+                grad_logits = grad_z.to(ctx.logits_dtype)  # the dtype the head's own backward would see
+                if need_hidden:
+                    grad_hidden[rows] = (grad_logits @ weight).to(hidden.dtype)
+                if need_weight and grad_logits.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad_logits.t(), h)  # in place: no second (V, H) buffer
+                elif need_weight:  # autocast: the bf16 product, summed in float32
+                    grad_weight += grad_logits.t() @ h
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def chunked_head_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                       temperature: float = 1.0, chunk_tokens: int | None = None, return_entropy: bool = False,
+                       entropy_grad: bool = False):
+    """log softmax((h W^T + b) / T)[target] straight from the trunk's hidden states, never holding (B, T, V) logits.
+
+    The LM head is applied to ``chunk_tokens`` positions at a time; the forward
+    keeps only each position's logsumexp and target log-prob, and the backward
+    recomputes each chunk's logits to form dL/dz = g·(onehot(y) - softmax(z))
+    (the log-softmax gradient), then dL/dh = dL/dz·W and dL/dW = Σ dL/dzᵀ·h:
+    the fused linear cross-entropy of Liger-Kernel (arXiv 2410.10989) and Cut
+    Cross-Entropy (arXiv 2411.09009), with each chunk's logits recomputed in the
+    backward instead of its gradient kept from the forward (so the upstream
+    gradient may be anything, not only a mean loss known in advance).
+    Extra memory is two chunks of logits, not B·T·V values.
+    Under autocast the head runs in the autocast dtype in the forward and in the
+    backward alike, as the model's own head would; statistics are float32.
+
+    ``return_entropy`` adds the entropy -Σ p log p of softmax(z / T) at each
+    position, detached unless ``entropy_grad`` (dH/dz = -p (log p + H)).
+
+    Shape: hidden (..., H), weight (V, H), bias (V,) or None, targets (...) ->
+    (...) float32 (float64 inputs stay float64), or (logps, entropy).
+    """
+    shape = targets.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    chunk = chunk_tokens or head_chunk_tokens(weight.shape[0])
+    out = _ChunkedHeadLogps.apply(flat_hidden, weight, bias, targets.reshape(-1), float(temperature), chunk,
+                                  return_entropy, entropy_grad)
+    if not return_entropy:
+        return out.view(shape)
+    return out[0].view(shape), out[1].view(shape)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from posttrain import distributed
 from posttrain.distributed import device
 from posttrain.errors import UserError
-from posttrain.losses import entropy_from_logits, selective_log_softmax
+from posttrain.losses import chunked_head_logps, entropy_from_logits, selective_log_softmax
 
 PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
 
@@ -380,6 +380,31 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+# families whose causal-LM forward is exactly lm_head(last_hidden_state[:, kept]): the chunked head gives their
+# very logits (Gemma-2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling, ... are not in it)
+PLAIN_HEAD_MODEL_TYPES = frozenset({
+    "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma",
+    "starcoder2", "olmo", "olmo2", "smollm3", "gpt_neox", "glm4", "stablelm",
+})
+
+
+def chunkable_head(model) -> nn.Linear | None:
+    """The LM head when log-probs may be computed from the trunk's hidden states in chunks, else None.
+
+    That needs a plain ``nn.Linear`` head (not a LoRA-adapted one) applied to
+    the last hidden state with nothing after it (PLAIN_HEAD_MODEL_TYPES), with
+    whole (not FSDP2-sharded DTensor) weights.
+    """
+    base = unwrap_peft(model)
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or distributed.is_sharded(model):
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear or hasattr(head.weight, "to_local"):
+        return None
+    return head
+
+
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
                 return_entropy: bool = False, return_hidden: bool = False, entropy_grad: bool = False,
                 temperature: float = 1.0, position_ids: torch.Tensor | None = None):
@@ -394,16 +419,48 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     unless ``entropy_grad``); ``return_hidden`` adds the last hidden states
     (B, L, H) for a value head on the same trunk. ``position_ids`` replaces the
     positions derived from the mask (packed rows restart at 0; the mask may then be None).
+
+    The (B, K, V) logits are never held: the forward runs through the root
+    module (where DDP hooks in) with the head applied to no position, and
+    ``losses.chunked_head_logps`` applies the head to the trunk's last hidden
+    states a chunk of positions at a time, forward and backward. Models that
+    ``chunkable_head`` rejects take the logits from the forward, FSDP2 ones
+    among them (their head's weights are whole only inside the root's forward).
     """
-    keep = {"logits_to_keep": logits_to_keep + 1} if logits_to_keep else {}
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
+    targets = input_ids[:, 1:] if not logits_to_keep else input_ids[:, -logits_to_keep:]
+    head = chunkable_head(model)
+    if head is None:
+        return _logps_from_logits(model, input_ids, attention_mask, position_ids, targets, logits_to_keep,
+                                  return_entropy, return_hidden, entropy_grad, temperature)
+    captured = []
+    trunk = unwrap_peft(model).base_model
+    hook = trunk.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+    finally:
+        hook.remove()
+    last_hidden = captured[-1]  # (B, L, H), after the final norm: what the head reads
+    scored = last_hidden[:, :-1] if not logits_to_keep else last_hidden[:, -(logits_to_keep + 1):-1]
+    out = chunked_head_logps(scored, head.weight, head.bias, targets, temperature, return_entropy=return_entropy,
+                             entropy_grad=entropy_grad and torch.is_grad_enabled())
+    result = list(out) if return_entropy else [out]
+    if return_hidden:
+        result.append(last_hidden)
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def _logps_from_logits(model, input_ids, attention_mask, position_ids, targets, logits_to_keep, return_entropy,
+                       return_hidden, entropy_grad, temperature):
+    """token_logps from the (B, K, V) logits the model's own forward returns."""
+    keep = {"logits_to_keep": logits_to_keep + 1} if logits_to_keep else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False, output_hidden_states=return_hidden, **keep)
     logits = out.logits[:, :-1]  # (B, K, V): the last position predicts beyond the input
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, 1:] if not logits_to_keep else input_ids[:, -logits_to_keep:]
     result = [selective_log_softmax(logits, targets)]
     if return_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):

@@ -32,3 +32,14 @@ def test_padding_free_benchmark_prints_json():
         tokens = result[stage]["tokens_per_batch"]
         assert 0 < tokens["packed"] <= tokens["padded"]  # packing never computes more positions than padding
         assert result[stage]["speedup"] > 0
+
+
+def test_logprob_memory_benchmark_prints_json():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "logprob_memory.py"), "--batch", "2", "--tokens", "5",
+                           "--vocab", "64", "--hidden", "8", "--chunk-tokens", "3", "--chunk-sweep", "4", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["memory_ratio"] > 0 and result["time_ratio"] > 0 and result["chunk_tokens"] == 3
+    assert set(result["peak_extra_mb"]) == {"plain", "chunked"} and result["chunk_sweep"][0]["chunk_tokens"] == 4
