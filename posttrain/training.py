@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import checkpoint, distributed, metrics
+from posttrain import checkpoint, distributed, memory, metrics
 from posttrain.config import save_config
 from posttrain.data import length_grouped_batches
 from posttrain.errors import UserError
@@ -31,15 +31,17 @@ from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 
 
 def setup_run(cfg) -> None:
-    """Threads and seeds: the first step of every recipe. Nothing is written yet (see ``start_output``).
+    """Threads, seeds and the memory estimate: the first step of every recipe. Nothing is written yet (see ``start_output``).
 
     Every rank takes the same seed, so models initialised here start equal on
-    every rank (FSDP2 does not broadcast them).
+    every rank (FSDP2 does not broadcast them). The estimate (`memory.preflight`)
+    comes before any weight is loaded, so a run that cannot fit stops at once.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    memory.preflight(cfg)
 
 
 FINAL_FILES = ("model.safetensors", "model.safetensors.index.json", "summary.json")

@@ -1,0 +1,136 @@
+"""The pre-flight memory estimate: its parts against real models, and its total against a measured run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain import memory
+from posttrain.config import load_config
+from posttrain.models import apply_lora, load_causal_lm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _saved_activation_bytes(layer, hidden: int, position_embeddings, bf16: bool, tokens: tuple[int, int]) -> int:
+    """Bytes of the (non-parameter) tensors autograd saves in one decoder layer's forward."""
+    weights = {p.data_ptr() for p in layer.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = (tuple(t.shape), storage.nbytes())
+        return t
+
+    B, S = tokens
+    x = torch.randn(B, S, hidden, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        layer(x, attention_mask=None, position_embeddings=position_embeddings,
+              position_ids=torch.arange(S)[None].expand(B, S))
+    # a bf16 copy of a weight (autocast's cache) is 2-D with no token dimension: counted with the weights
+    return sum(n for ptr, (shape, n) in saved.items()
+               if ptr not in weights and not (len(shape) == 2 and shape[0] != B * S))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("family", ["qwen2", "llama_gqa"])
+def test_layer_activation_formula_equals_the_tensors_autograd_saves(family, bf16):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    if family == "qwen2":
+        config = Qwen2Config(vocab_size=97, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=4, intermediate_size=160)
+    else:
+        config = LlamaConfig(vocab_size=97, hidden_size=96, num_hidden_layers=1, num_attention_heads=6,
+                             num_key_value_heads=2, intermediate_size=200)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    B, S = 3, 20
+    x = torch.zeros(B, S, config.hidden_size)
+    position_embeddings = model.model.rotary_emb(x, torch.arange(S)[None].expand(B, S))
+    measured = _saved_activation_bytes(model.model.layers[0], config.hidden_size, position_embeddings, bf16, (B, S))
+    shape = memory.model_shape(config)
+    assert memory.layer_activation_bytes(shape, bf16) * B * S == measured
+
+
+def test_model_shape_counts_the_parameters_and_lora_adapters_of_the_real_model(tiny_qwen):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_qwen)
+    model = load_causal_lm(str(tiny_qwen))
+    shape = memory.model_shape(config, lora_r=4)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    peft_model = apply_lora(model, 4, 8, "all-linear")
+    assert shape.lora_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    only_q = memory.model_shape(config, lora_r=4, lora_targets="q_proj")
+    assert only_q.lora_params == 4 * (config.hidden_size + config.hidden_size) * config.num_hidden_layers
+
+
+def _estimate(tiny_qwen, arith_data, tmp_path, stage="sft", **fields):
+    data = arith_data["preference" if stage == "dpo" else "sft"]
+    base = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(data), "output_dir": str(tmp_path)}
+    return memory.estimate(load_config(stage, None, {**base, **{k: str(v) for k, v in fields.items()}}))["bytes"]
+
+
+def test_estimate_parts_follow_lora_checkpointing_fsdp_and_the_reference(tiny_qwen, arith_data, tmp_path, monkeypatch):
+    full = _estimate(tiny_qwen, arith_data, tmp_path)
+    params = sum(p.numel() for p in load_causal_lm(str(tiny_qwen)).parameters())
+    assert full["weights"] == 4 * params and full["gradients"] == 4 * params and full["optimizer"] == 8 * params
+    lora = _estimate(tiny_qwen, arith_data, tmp_path, use_peft="true", lora_r=4)
+    assert lora["weights"] == full["weights"] and 0 < lora["gradients"] < full["gradients"] / 4
+    assert lora["optimizer"] == 2 * lora["gradients"]
+    checkpointed = _estimate(tiny_qwen, arith_data, tmp_path, gradient_checkpointing="true")
+    assert checkpointed["activations"] < full["activations"]
+    doubled = _estimate(tiny_qwen, arith_data, tmp_path, per_device_train_batch_size=16)
+    assert doubled["activations"] == 2 * full["activations"]
+    # DPO: chosen + rejected rows and a reference copy; none with LoRA (the base with adapters off serves)
+    dpo = _estimate(tiny_qwen, arith_data, tmp_path, "dpo")
+    assert dpo["reference"] == full["weights"] and dpo["activations"] == 2 * full["activations"]
+    assert "reference" not in _estimate(tiny_qwen, arith_data, tmp_path, "dpo", use_peft="true")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    sharded = _estimate(tiny_qwen, arith_data, tmp_path, "dpo", fsdp="true")
+    assert sharded["weights"] == dpo["weights"] / 4 and sharded["optimizer"] == dpo["optimizer"] / 4
+    assert sharded["reference"] == dpo["reference"] / 4 and sharded["activations"] == dpo["activations"]
+
+
+def test_grpo_estimate_counts_the_group_and_the_rollout_kv_cache(tiny_qwen, arith_data, tmp_path):
+    fields = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(arith_data["prompts"]),
+              "output_dir": str(tmp_path), "per_device_train_batch_size": "2", "max_prompt_length": "16",
+              "max_completion_length": "8"}
+    four = memory.estimate(load_config("grpo", None, {**fields, "num_generations": "4"}))["bytes"]
+    eight = memory.estimate(load_config("grpo", None, {**fields, "num_generations": "8"}))["bytes"]
+    assert eight["activations"] == 2 * four["activations"] and eight["kv_cache"] == 2 * four["kv_cache"]
+    no_ref = memory.estimate(load_config("grpo", None, {**fields, "beta": "0"}))["bytes"]
+    assert "reference" in four and "reference" not in no_ref
+
+
+def test_setup_prints_the_table_before_loading(tiny_qwen, arith_data, tmp_path, capsys):
+    from posttrain.training import setup_run
+
+    cfg = load_config("sft", None, {"model_name_or_path": str(tiny_qwen), "dataset_name": str(arith_data["sft"]),
+                                    "output_dir": str(tmp_path)})
+    setup_run(cfg)
+    err = capsys.readouterr().err
+    assert "memory estimate (sft" in err and "optimizer" in err and "total" in err
+    missing = load_config("sft", None, {"model_name_or_path": str(tmp_path / "absent"),
+                                        "dataset_name": str(arith_data["sft"]), "output_dir": str(tmp_path)})
+    assert memory.preflight(missing) is None  # the loader reports the missing folder, not the estimate
+
+
+def test_estimate_is_within_30_percent_of_the_measured_peak_of_sft_and_dpo(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_estimate.py"), "--stage", "sft", "dpo"],
+                          capture_output=True, text=True, timeout=1500,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)["results"]
+    assert [r["stage"] for r in results] == ["sft", "dpo"]
+    for r in results:
+        assert 0.7 <= r["ratio"] <= 1.3, r
+        assert r["measured_mib"] > 200, "the model must dominate the baseline"
