@@ -1,8 +1,10 @@
 """Pre-flight memory estimate: what one device needs for a run, worked out before any weight is loaded.
 
-Printed once as a short table (rank 0, stderr) by ``training.setup_run``, so
-every stage shows it. On CUDA a run whose estimate exceeds the free device
-memory stops there, with one line saying what to change.
+Every stage gets it from the shared set-up in training.py: on CUDA
+``preflight`` (from ``setup_run``, before any weight loads) stops a run whose
+estimate exceeds the free device memory, with one line saying what to change;
+``report`` (from ``start_output``, as training starts) prints it as a short
+table (rank 0, stderr).
 
 The parts, per device:
 
@@ -237,27 +239,41 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"memory estimate ({result['stage']}, before loading):"]
+    lines = [f"memory estimate ({result['stage']}, per device):"]
     for name, value in result["bytes"].items():
         lines.append(f"  {name:<13}{value / 2**20:>10.1f} MiB  {result['notes'].get(name, '')}")
     return "\n".join(lines)
 
 
 def preflight(cfg) -> dict | None:
-    """Print the estimate (rank 0); on CUDA stop with a UserError when it exceeds the free device memory."""
-    result = estimate(cfg)
-    if result is None:
+    """Before any weight loads: on CUDA, stop with a UserError when the estimate exceeds the free device memory."""
+    if distributed.device().type != "cuda":
         return None
-    if distributed.is_main():
-        print(format_table(result), file=sys.stderr, flush=True)
-    if distributed.device().type == "cuda":
+    result = estimate(cfg)
+    if result is not None:
         free, _ = torch.cuda.mem_get_info(distributed.device())
-        need = result["bytes"]["total"]
-        if need > free:
-            options = [opt for opt, on in (("a smaller per_device_train_batch_size", True),
-                                            ("gradient_checkpointing: true", not cfg.gradient_checkpointing),
-                                            ("use_peft: true", not cfg.use_peft),
-                                            ("fsdp: true under torchrun", not cfg.fsdp)) if on]
-            raise UserError(f"memory: this run needs about {need / 2**30:.1f} GiB per device, {distributed.device()} has "
-                            f"{free / 2**30:.1f} GiB free; set {', or '.join(options)}")
+        check_fits(cfg, result["bytes"]["total"], free, str(distributed.device()))
     return result
+
+
+def report(cfg) -> dict | None:
+    """Print the estimate's table to stderr (rank 0) as the run starts, once its inputs have all loaded.
+
+    Printed only then, so a run refused for bad input still says one line.
+    """
+    result = estimate(cfg)
+    if result is not None and distributed.is_main():
+        print(format_table(result), file=sys.stderr, flush=True)
+    return result
+
+
+def check_fits(cfg, need: float, free: float, device: str) -> None:
+    """A one-line UserError when ``need`` bytes exceed the ``free`` bytes of ``device``, naming what would shrink it."""
+    if need <= free:
+        return
+    options = [opt for opt, on in (("a smaller per_device_train_batch_size", True),
+                                    ("gradient_checkpointing: true", not cfg.gradient_checkpointing),
+                                    ("use_peft: true", not cfg.use_peft),
+                                    ("fsdp: true under torchrun", not cfg.fsdp)) if on]
+    raise UserError(f"memory: this run needs about {need / 2**30:.1f} GiB per device, {device} has "
+                    f"{free / 2**30:.1f} GiB free; set {', or '.join(options)}")

@@ -31,11 +31,11 @@ from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 
 
 def setup_run(cfg) -> None:
-    """Threads, seeds and the memory estimate: the first step of every recipe. Nothing is written yet (see ``start_output``).
+    """Threads, seeds and the memory check: the first step of every recipe. Nothing is written yet (see ``start_output``).
 
     Every rank takes the same seed, so models initialised here start equal on
-    every rank (FSDP2 does not broadcast them). The estimate (`memory.preflight`)
-    comes before any weight is loaded, so a run that cannot fit stops at once.
+    every rank (FSDP2 does not broadcast them). The memory check (`memory.preflight`)
+    comes before any weight is loaded, so a run that cannot fit on its GPU stops at once.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -77,6 +77,7 @@ def start_output(cfg, modules: dict) -> Path | None:
         if free < needed:
             raise UserError(f"output_dir: {out} has {free / 1e9:.1f} GB free, two checkpoints need about "
                             f"{needed / 1e9:.1f} GB; free disk space or set save_steps: 0")
+    memory.report(cfg)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         if previous and cfg.overwrite_output_dir and not resuming_here:

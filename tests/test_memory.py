@@ -111,17 +111,20 @@ def test_grpo_estimate_counts_the_group_and_the_rollout_kv_cache(tiny_qwen, arit
     assert "reference" in four and "reference" not in no_ref
 
 
-def test_setup_prints_the_table_before_loading(tiny_qwen, arith_data, tmp_path, capsys):
-    from posttrain.training import setup_run
+def test_the_table_is_printed_as_the_run_claims_its_output_folder(tiny_qwen, arith_data, tmp_path, capsys):
+    from posttrain.training import setup_run, start_output
 
     cfg = load_config("sft", None, {"model_name_or_path": str(tiny_qwen), "dataset_name": str(arith_data["sft"]),
-                                    "output_dir": str(tmp_path)})
+                                    "output_dir": str(tmp_path / "out")})
     setup_run(cfg)
-    err = capsys.readouterr().err
-    assert "memory estimate (sft" in err and "optimizer" in err and "total" in err
+    assert capsys.readouterr().err == ""  # nothing yet: a run refused for bad data still says one line
+    start_output(cfg, {})
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "memory estimate (sft, per device):" and err[-1].startswith("  total")
+    assert any(line.startswith("  optimizer") for line in err)
     missing = load_config("sft", None, {"model_name_or_path": str(tmp_path / "absent"),
                                         "dataset_name": str(arith_data["sft"]), "output_dir": str(tmp_path)})
-    assert memory.preflight(missing) is None  # the loader reports the missing folder, not the estimate
+    assert memory.report(missing) is None  # the loader reports the missing folder, not the estimate
 
 
 def test_estimate_is_within_30_percent_of_the_measured_peak_of_sft_and_dpo(tmp_path):
@@ -134,3 +137,17 @@ def test_estimate_is_within_30_percent_of_the_measured_peak_of_sft_and_dpo(tmp_p
     for r in results:
         assert 0.7 <= r["ratio"] <= 1.3, r
         assert r["measured_mib"] > 200, "the model must dominate the baseline"
+
+
+def test_a_run_that_does_not_fit_stops_with_one_line_naming_what_to_change(tiny_qwen, arith_data, tmp_path):
+    from posttrain.errors import UserError
+
+    cfg = load_config("sft", None, {"model_name_or_path": str(tiny_qwen), "dataset_name": str(arith_data["sft"]),
+                                    "output_dir": str(tmp_path), "gradient_checkpointing": "true"})
+    memory.check_fits(cfg, 2 * 2**30, 3 * 2**30, "cuda:0")  # fits: nothing happens
+    with pytest.raises(UserError) as err:
+        memory.check_fits(cfg, 5 * 2**30, 3 * 2**30, "cuda:0")
+    message = str(err.value)
+    assert "\n" not in message and "5.0 GiB" in message and "3.0 GiB free" in message
+    assert "per_device_train_batch_size" in message and "use_peft" in message and "fsdp" in message
+    assert "gradient_checkpointing" not in message  # already on
