@@ -42,7 +42,7 @@ from posttrain.tasks import arith  # noqa: E402
 
 SHAPES = {
     "tiny": {"hidden_size": 256, "num_layers": 4, "vocab": 2048, "prompts": 8, "generations": 8},
-    "medium": {"hidden_size": 768, "num_layers": 8, "vocab": 32000, "prompts": 2, "generations": 8},
+    "medium": {"hidden_size": 768, "num_layers": 8, "vocab": 32000, "prompts": 2, "generations": 4},
 }
 
 

@@ -176,9 +176,9 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
     parts: dict[str, float] = {}
     notes: dict[str, str] = {}
     parts["weights"] = policy.params * FP32 / shard + (trained * BF16 if cfg.bf16 else 0)
-    notes["weights"] = f"{policy.params / 1e6:.1f}M params fp32" + (", + bf16 copies under autocast" if cfg.bf16 else "")
+    notes["weights"] = f"{_count(policy.params)} params fp32" + (", + bf16 copies under autocast" if cfg.bf16 else "")
     parts["gradients"] = trained * FP32 / shard * (2 if world > 1 and not cfg.fsdp else 1)
-    notes["gradients"] = f"{trained / 1e6:.2f}M trained" + (" (LoRA)" if cfg.use_peft else "") + \
+    notes["gradients"] = f"{_count(trained)} trained" + (" (LoRA)" if cfg.use_peft else "") + \
         (", + DDP buckets" if world > 1 and not cfg.fsdp else "")
     parts["optimizer"] = 2 * trained * FP32 / shard
     notes["optimizer"] = "AdamW: 2 fp32 moments"
@@ -236,6 +236,10 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
     parts["total"] = static + max(training, parts.get("kv_cache", 0))
     notes["total"] = f"per device, world size {world}" + (", FSDP" if cfg.fsdp else "")
     return {"bytes": parts, "notes": notes, "stage": stage}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def format_table(result: dict) -> str:
