@@ -32,6 +32,7 @@ The parts, per device:
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from dataclasses import dataclass
@@ -67,7 +68,9 @@ def model_shape(config, scalar: bool = False, lora_r: int = 0, lora_targets: str
 
     with torch.device("meta"):
         if scalar:
-            model = AutoModelForSequenceClassification.from_config(config, num_labels=1)
+            config = copy.deepcopy(config)
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
         else:
             model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
@@ -153,7 +156,7 @@ def _shape_of(cfg, path: str, scalar: bool = False, lora: bool = False) -> Model
                 return None
             config = _read_config(path)
         return model_shape(config, scalar, cfg.lora_r if lora else 0, cfg.lora_target_modules)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):  # the loader reports a bad folder, not this
+    except (OSError, ValueError, KeyError, AttributeError):  # the loader reports a bad folder, not this
         return None
 
 

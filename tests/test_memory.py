@@ -100,6 +100,16 @@ def test_estimate_parts_follow_lora_checkpointing_fsdp_and_the_reference(tiny_qw
     assert sharded["reference"] == dpo["reference"] / 4 and sharded["activations"] == dpo["activations"]
 
 
+def test_rm_estimate_is_of_the_scalar_model_without_logits(tiny_qwen, arith_data, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    rm = _estimate(tiny_qwen, arith_data, tmp_path, "rm")
+    config = AutoConfig.from_pretrained(tiny_qwen)
+    config.num_labels = 1
+    params = sum(p.numel() for p in AutoModelForSequenceClassification.from_config(config).parameters())
+    assert rm["weights"] == 4 * params and "logits" not in rm
+
+
 def test_grpo_estimate_counts_the_group_and_the_rollout_kv_cache(tiny_qwen, arith_data, tmp_path):
     fields = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(arith_data["prompts"]),
               "output_dir": str(tmp_path), "per_device_train_batch_size": "2", "max_prompt_length": "16",
@@ -151,3 +161,14 @@ def test_a_run_that_does_not_fit_stops_with_one_line_naming_what_to_change(tiny_
     assert "\n" not in message and "5.0 GiB" in message and "3.0 GiB free" in message
     assert "per_device_train_batch_size" in message and "use_peft" in message and "fsdp" in message
     assert "gradient_checkpointing" not in message  # already on
+
+
+def test_ppo_estimate_counts_a_separate_critic_and_the_reward_model(tiny_qwen, arith_data, tmp_path):
+    fields = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(arith_data["prompts"]),
+              "output_dir": str(tmp_path), "reward_model_name_or_path": str(tiny_qwen)}
+    separate = memory.estimate(load_config("ppo", None, fields))["bytes"]
+    shared = memory.estimate(load_config("ppo", None, {**fields, "critic": "shared"}))["bytes"]
+    scalar = memory.model_shape(__import__("transformers").AutoConfig.from_pretrained(tiny_qwen), scalar=True).params
+    assert separate["critic"] == 16 * scalar and "critic" not in shared
+    assert separate["reward_model"] == 4 * scalar and separate["reference"] == separate["weights"]
+    assert separate["activations"] == 2 * shared["activations"]  # the critic's own forward (same trunk shape)
