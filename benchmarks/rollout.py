@@ -15,7 +15,9 @@ JSON object:
   num_return_sequences = G, and the naive loop (batch 1, no KV cache: the
   whole sequence recomputed for every new token), timed on a few rows only.
 
-A random model almost never samples EOS, so every completion runs the full
+``--prompt_length L`` lengthens the prompts to about L tokens (rows differ by
+one token each, so left padding is exercised): the prefill a GRPO group
+shares grows with it. A random model almost never samples EOS, so every completion runs the full
 max_completion_length: the figures are of full-length rollouts. Absolute
 times depend on the machine; ratios are measured in one process.
 """
@@ -23,6 +25,7 @@ times depend on the machine; ratios are measured in one process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -181,8 +184,11 @@ def main() -> None:
     parser.add_argument("--naive_rows", type=int, default=2, help="completions sampled by the naive loop")
     parser.add_argument("--prompts", type=int, default=0, help="prompts per batch (0: the shape's own)")
     parser.add_argument("--hidden_size", type=int, default=0, help="override the shapes' hidden size (smoke runs)")
+    parser.add_argument("--prompt_length", type=int, default=0,
+                        help="lengthen every prompt to this many tokens by repeating it (0: the arith prompts, ~6 tokens)")
     args = parser.parse_args()
-    results = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens}
+    results = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
+               "prompt_length": args.prompt_length or "arith"}
     with tempfile.TemporaryDirectory() as tmp:
         paths = arith.write_datasets(tmp, num_sft=8, num_preference=8, num_prompts=64, num_eval=8)
         corpus = [line for p in paths.values() for line in p.read_text().splitlines()]
@@ -195,6 +201,9 @@ def main() -> None:
             model_dir = build_model(corpus, f"{tmp}/{name}", shape["hidden_size"], shape["num_layers"], shape["vocab"])
             tokenizer = load_tokenizer(model_dir)
             prompts = prompt_examples(read_rows(str(paths["prompts"]))[:shape["prompts"]], tokenizer, 64)
+            if args.prompt_length:  # long prompts (chat templates, questions) are where a group's prefill is shared
+                prompts = [dataclasses.replace(p, prompt_ids=(p.prompt_ids * args.prompt_length)[-args.prompt_length + i:])
+                           for i, p in enumerate(prompts)]
             torch.manual_seed(0)
             results[name] = {"shape": shape,
                              "grpo": step_shares("grpo", model_dir, str(paths["prompts"]), prompts, shape, args, tmp),
