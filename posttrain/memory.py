@@ -232,7 +232,8 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
         notes["logits"] = "one chunk of <= 2^24 logits (not B x T x V), with gradients"
     if stage in ("ppo", "grpo"):
         kv = policy.hidden * policy.kv_heads // policy.heads
-        parts["kv_cache"] = rollouts * length * policy.layers * 2 * kv * (BF16 if cfg.bf16 else FP32)
+        # sampling runs outside autocast, on the fp32 weights: the cache is fp32
+        parts["kv_cache"] = rollouts * length * policy.layers * 2 * kv * FP32
         notes["kv_cache"] = f"{rollouts} rollouts (generation, before the update)"
     static = sum(v for k, v in parts.items() if k not in ("activations", "logits", "kv_cache"))
     training = parts["activations"] + parts.get("logits", 0)
