@@ -198,6 +198,9 @@ class RolloutConfig:
     """Sample from the top-k tokens only (0: all)."""
     rollout_engine: str = "hf"
     """What samples completions: `hf` (transformers generate with the KV cache), or `module:factory` of your own."""
+    generation_cache: str = "dynamic"
+    """KV cache of `hf` rollouts: dynamic (grows per token; a group's prompt is prefilled once), or static
+    (preallocated, with the forward compiled by torch.compile; CUDA only)."""
     eval_dataset_name: str = ""
     """Optional prompt file with `answer` fields; greedy accuracy on it is logged at each logging step."""
     eval_max_rows: int = 256
@@ -473,6 +476,7 @@ _CHOICES = {
     "logps_normalization": ("sum", "mean"),
     "kl_estimator": ("k1", "k2", "k3"),
     "critic": ("separate", "shared"),
+    "generation_cache": ("dynamic", "static"),
     "scale_rewards": ("group", "batch", "none"),
 }
 _LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo")}

@@ -14,6 +14,7 @@ import torch
 
 from posttrain import distributed
 from posttrain.data import left_pad
+from posttrain.errors import UserError
 from posttrain.losses import selective_log_softmax
 from posttrain.models import unwrap_peft
 
@@ -89,33 +90,69 @@ def _clean_generation_defaults(model, config):
         target.generation_config = saved
 
 
+def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as `generate` derives them from a left-padded mask: real tokens count 0, 1, ...; padding 0."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def prefill_groups(model, ids: torch.Tensor, mask: torch.Tensor, group_size: int):
+    """The KV cache of every prompt but its last token, computed once and repeated for the G rows of its group.
+
+    `generate` continues from a cache when it is handed the whole input: it
+    runs only the tokens the cache lacks (here each prompt's last one, for
+    all N·G rows), so the prompt's keys and values are computed N times, not
+    N·G, and the completions sample from exactly the distribution they would
+    without the cache reuse.
+    """
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=generation_position_ids(mask[:, :-1]),
+                use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    return cache
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False, num_return_sequences: int = 1, top_k: int = 0,
-             return_sampling_logps: bool = False) -> Generation:
+             return_sampling_logps: bool = False, reuse_prompt_cache: bool = True,
+             cache: str = "dynamic") -> Generation:
     """Sample completions for a batch of prompts in one `generate` call (KV cache on).
 
     With ``num_return_sequences = G`` the G completions of a prompt are
-    consecutive rows, the layout `group_advantages` expects. Sampling is
-    from softmax(z / temperature) (and top-k when set) and nothing else.
-    ``return_sampling_logps`` also keeps the log-probability of each sampled
-    token under the distribution `generate` actually drew it from. Under
-    FSDP2 every rank keeps stepping until all ranks are done (synced_gpus),
-    since each forward gathers weights from all of them.
+    consecutive rows, the layout `group_advantages` expects; with
+    ``reuse_prompt_cache`` each prompt is prefilled once and its cache shared
+    by its G rows (`prefill_groups`). Sampling is from softmax(z / temperature)
+    (and top-k when set) and nothing else. ``return_sampling_logps`` also keeps
+    the log-probability of each sampled token under the distribution
+    `generate` actually drew it from. Generation stops at the step every row
+    has emitted EOS (later tokens of a finished row are padding). ``cache``:
+    `dynamic`, or `static` (a preallocated cache; transformers then compiles
+    the forward on CUDA). Under FSDP2 every rank keeps stepping until all
+    ranks are done (synced_gpus), since each forward gathers weights from all
+    of them; the prompt cache is not reused there.
     """
     was_training = model.training
     model.eval()
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    G = num_return_sequences
     ids, mask = left_pad(prompt_ids, pad_id)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    config = sampling_config(max_new_tokens, temperature, greedy, top_k, num_return_sequences, pad_id, eos_id,
+    synced = distributed.generation_kwargs(model)
+    reuse = reuse_prompt_cache and G > 1 and cache == "dynamic" and not synced and ids.shape[1] > 1
+    config = sampling_config(max_new_tokens, temperature, greedy, top_k, 1 if reuse else G, pad_id, eos_id,
                              output_scores=return_sampling_logps)
+    if cache == "static":
+        config.cache_implementation = "static"
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if reuse:
+        prefix = prefill_groups(model, ids, mask, G)
+        inputs = {"input_ids": ids.repeat_interleave(G, 0), "attention_mask": mask.repeat_interleave(G, 0),
+                  "past_key_values": prefix}
     with _clean_generation_defaults(model, config):
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             **distributed.generation_kwargs(model))
+        out = model.generate(**inputs, generation_config=config, **synced)
     if was_training:
         model.train()
-    gen = generation_from_ids(ids, mask, out.sequences[:, ids.shape[1]:], tokenizer, num_return_sequences)
+    gen = generation_from_ids(ids, mask, out.sequences[:, ids.shape[1]:], tokenizer, G)
     if return_sampling_logps and out.scores:
         scores = torch.stack(out.scores, dim=1)  # (B, T, V) the processed logits sampled from
         gen.sampling_logps = selective_log_softmax(scores, gen.completion_ids[:, :scores.shape[1]])
@@ -152,13 +189,14 @@ class HFEngine:
     of the weights (a serving engine) copies them in ``load_weights``.
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0):
+    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 cache: str = "dynamic"):
         self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.max_new_tokens, self.temperature, self.top_k, self.cache = max_new_tokens, temperature, top_k, cache
 
     def generate(self, prompt_ids: list[list[int]], num_return_sequences: int = 1) -> Generation:
         return generate(self.model, self.tokenizer, prompt_ids, self.max_new_tokens, self.temperature,
-                        num_return_sequences=num_return_sequences, top_k=self.top_k)
+                        num_return_sequences=num_return_sequences, top_k=self.top_k, cache=self.cache)
 
     def load_weights(self, model) -> None:
         """Weights are shared with ``model`` already."""
@@ -167,7 +205,11 @@ class HFEngine:
 def build_engine(cfg, model, tokenizer):
     """``rollout_engine``: `hf`, or `module:factory` called as factory(cfg=..., model=..., tokenizer=...)."""
     if cfg.rollout_engine == "hf":
-        return HFEngine(model, tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_k)
+        if cfg.generation_cache == "static" and distributed.device().type != "cuda":
+            raise UserError(f"field 'generation_cache': static needs a CUDA device (this run is on "
+                            f"{distributed.device().type}); use dynamic")
+        return HFEngine(model, tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_k,
+                        cfg.generation_cache)
     from posttrain.rewards import resolve_callable
 
     return resolve_callable(cfg.rollout_engine, "rollout_engine")(cfg=cfg, model=model, tokenizer=tokenizer)

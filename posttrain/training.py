@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import checkpoint, distributed, metrics
+from posttrain import checkpoint, distributed, memory, metrics
 from posttrain.config import save_config
 from posttrain.data import length_grouped_batches
 from posttrain.errors import UserError
@@ -31,15 +31,17 @@ from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
 
 
 def setup_run(cfg) -> None:
-    """Threads and seeds: the first step of every recipe. Nothing is written yet (see ``start_output``).
+    """Threads, seeds and the memory check: the first step of every recipe. Nothing is written yet (see ``start_output``).
 
     Every rank takes the same seed, so models initialised here start equal on
-    every rank (FSDP2 does not broadcast them).
+    every rank (FSDP2 does not broadcast them). The memory check (`memory.preflight`)
+    comes before any weight is loaded, so a run that cannot fit on its GPU stops at once.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    memory.preflight(cfg)
 
 
 FINAL_FILES = ("model.safetensors", "model.safetensors.index.json", "summary.json")
@@ -75,6 +77,7 @@ def start_output(cfg, modules: dict) -> Path | None:
         if free < needed:
             raise UserError(f"output_dir: {out} has {free / 1e9:.1f} GB free, two checkpoints need about "
                             f"{needed / 1e9:.1f} GB; free disk space or set save_steps: 0")
+    memory.report(cfg)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         if previous and cfg.overwrite_output_dir and not resuming_here:

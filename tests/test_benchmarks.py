@@ -43,3 +43,14 @@ def test_logprob_memory_benchmark_prints_json():
     result = json.loads(done.stdout)
     assert result["memory_ratio"] > 0 and result["time_ratio"] > 0 and result["chunk_tokens"] == 3
     assert set(result["peak_extra_mb"]) == {"plain", "chunked"} and result["chunk_sweep"][0]["chunk_tokens"] == 4
+
+
+def test_rollout_benchmark_prints_json():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rollout.py"), "--shapes", "tiny", "--hidden_size", "32",
+                           "--prompts", "2", "--max_new_tokens", "4", "--steps", "1", "--repeats", "1", "--naive_rows", "1"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    tiny = json.loads(done.stdout)["tiny"]
+    assert 0 < tiny["grpo"]["generation_share"] < 1 and 0 < tiny["ppo"]["generation_share"] < 1
+    assert set(tiny["completions_per_s"]) == {"posttrain", "posttrain_no_group_cache", "model_generate", "naive_loop"}

@@ -133,3 +133,91 @@ def test_left_padded_row_scores_like_the_unpadded_row_with_absolute_positions(ti
     padded = token_logps(model, ids, mask)[0, -(len(short) - 1):]
     alone = token_logps(model, torch.tensor([short]), torch.ones(1, len(short), dtype=torch.long))[0]
     torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------- a group's prompt prefilled once; early stop at EOS
+
+
+def _ragged_prompt_ids(tokenizer, arith_data, n):
+    """Prompts of different lengths (so rows are left-padded), down to a single token."""
+    ids = [p.prompt_ids for p in _prompts(tokenizer, arith_data, n)]
+    return [row[min(i * 2, len(row) - 1):] for i, row in enumerate(ids)]
+
+
+def test_group_prompt_cache_samples_logps_equal_to_the_scored_ones(tiny_qwen, arith_data):
+    tokenizer, model = load_tokenizer(str(tiny_qwen)), load_causal_lm(str(tiny_qwen), trainable=False)
+    prompt_ids = _ragged_prompt_ids(tokenizer, arith_data, 4)
+    torch.manual_seed(0)
+    gen = generate(model, tokenizer, prompt_ids, 8, temperature=0.7, num_return_sequences=3,
+                   return_sampling_logps=True)
+    assert gen.input_ids.shape[0] == 12
+    # a group's rows share the prompt and (sampling) differ in their completions
+    assert torch.equal(gen.input_ids[0, :-8], gen.input_ids[2, :-8])
+    assert not torch.equal(gen.completion_ids[0], gen.completion_ids[1])
+    mask, T = gen.completion_mask.bool(), gen.completion_mask.shape[1]
+    scored = token_logps(model, gen.input_ids, gen.attention_mask, T, temperature=0.7)
+    torch.testing.assert_close(scored[mask], gen.sampling_logps[mask], rtol=0, atol=2e-5)
+
+
+def test_greedy_with_the_group_prompt_cache_equals_greedy_without(tiny_qwen, arith_data):
+    tokenizer, model = load_tokenizer(str(tiny_qwen)), load_causal_lm(str(tiny_qwen), trainable=False)
+    prompt_ids = _ragged_prompt_ids(tokenizer, arith_data, 5)
+    reused = generate(model, tokenizer, prompt_ids, 12, greedy=True, num_return_sequences=2)
+    # transformers refuses greedy with num_return_sequences > 1: the plain run repeats each prompt itself
+    plain = generate(model, tokenizer, [row for row in prompt_ids for _ in range(2)], 12, greedy=True)
+    assert torch.equal(reused.input_ids, plain.input_ids)
+    assert reused.completions == plain.completions
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, kwargs, output: calls.append(kwargs["input_ids"].shape),
+                                         with_kwargs=True)
+    return calls, handle
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_generation_stops_at_the_step_every_row_has_emitted_eos(tiny_qwen, arith_data, group):
+    """A head biased towards EOS: every row ends within a few tokens, and no forward runs past the last one."""
+    tokenizer, model = load_tokenizer(str(tiny_qwen)), load_causal_lm(str(tiny_qwen), trainable=False)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[tokenizer.eos_token_id] = 4.0  # EOS is most of the mass, not all of it: rows end at different steps
+    model.lm_head = biased
+    prompt_ids = _ragged_prompt_ids(tokenizer, arith_data, 6)
+    max_new_tokens = 40
+    calls, handle = _count_forwards(model)
+    torch.manual_seed(0)
+    try:
+        gen = generate(model, tokenizer, prompt_ids, max_new_tokens, num_return_sequences=group)
+    finally:
+        handle.remove()
+    lengths = gen.completion_mask.sum(-1)
+    T = gen.completion_mask.shape[1]
+    assert not gen.truncated.any() and lengths.max() == T < max_new_tokens // 2
+    assert lengths.min() < T, "rows end at different steps"
+    # one forward per sampled column (+ the group's prefill): none after the last row's EOS
+    prefill = 1 if group > 1 else 0
+    assert len(calls) == T + prefill
+    if group > 1:  # the prefill saw the N prompts once; generate's first forward only their last token
+        assert calls[0][0] == len(prompt_ids) and calls[1] == (len(prompt_ids) * group, 1)
+    # a finished row is padded with the pad token (distinct from EOS), and scored only up to its EOS
+    ids = gen.completion_ids
+    for row, n in enumerate(lengths.long().tolist()):
+        assert ids[row, n - 1] == tokenizer.eos_token_id and (ids[row, n:] == tokenizer.pad_token_id).all()
+
+
+def test_static_generation_cache_is_refused_without_cuda(tmp_path, tiny_qwen, arith_data):
+    from posttrain.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    cfg = load_config("grpo", None, {"model_name_or_path": str(tiny_qwen), "dataset_name": str(arith_data["prompts"]),
+                                     "output_dir": str(tmp_path), "generation_cache": "static"})
+    tokenizer, model = load_tokenizer(str(tiny_qwen)), load_causal_lm(str(tiny_qwen), trainable=False)
+    with pytest.raises(UserError, match="generation_cache.*CUDA"):
+        build_engine(cfg, model, tokenizer)

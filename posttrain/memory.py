@@ -1,0 +1,287 @@
+"""Pre-flight memory estimate: what one device needs for a run, worked out before any weight is loaded.
+
+Every stage gets it from the shared set-up in training.py: on CUDA
+``preflight`` (from ``setup_run``, before any weight loads) stops a run whose
+estimate exceeds the free device memory, with one line saying what to change;
+``report`` (from ``start_output``, as training starts) prints it as a short
+table (rank 0, stderr).
+
+The parts, per device:
+
+- weights: every parameter in fp32 (bf16 autocast computes in bf16 over fp32
+  weights, and caches a bf16 copy of each trained weight while it runs);
+- gradients: fp32, trainable parameters only (LoRA: the adapters);
+- optimizer state: AdamW's two fp32 moments per trainable parameter. With
+  the weights being their own fp32 master copy this is the 4 + 4 + 8 = 16
+  bytes per trained parameter of the ZeRO paper's accounting (Rajbhandari et
+  al., arXiv 1910.02054, §3.1); FSDP (ZeRO-3) divides weights, gradients and
+  optimizer state by the world size, DDP keeps a second gradient copy in its
+  reduction buckets;
+- frozen copies: the reference, reward model(s), and a separate PPO critic
+  (trained: 16 bytes per parameter, like the policy);
+- activations of one micro-batch (see ``layer_activation_bytes``), for the
+  micro-batch rows and the configured length (the longest a row may be: real
+  batches are usually shorter), or under gradient checkpointing the layer
+  inputs plus one layer's activations being recomputed;
+- logits: token log-probs are taken over chunks of positions of about 2^24
+  logits (``losses._rows_per_chunk``), and the LM head is computed chunk by
+  chunk too, so one chunk is counted (with its gradient), not B x T x V;
+- RL stages: the rollout's KV cache (generation runs under no_grad before
+  the update, so the peak is the larger of it and the training activations).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain import distributed
+from posttrain.errors import UserError
+from posttrain.losses import head_chunk_tokens
+
+FP32, BF16 = 4, 2
+TINY_VOCAB = 259  # the embedded tokenizer: 256 byte symbols + pad, eos, im_start
+
+
+@dataclass
+class ModelShape:
+    """What the estimate reads from a model's config (counted on the meta device: no memory, no weights)."""
+
+    params: int
+    lora_params: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+
+def model_shape(config, scalar: bool = False, lora_r: int = 0, lora_targets: str = "all-linear") -> ModelShape:
+    """Parameter counts of the model ``config`` describes; ``lora_r`` > 0 also counts LoRA's r·(in + out) per adapted linear."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        if scalar:
+            config = copy.deepcopy(config)
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    lora = 0
+    if lora_r:
+        targets = None if lora_targets == "all-linear" else {t.strip() for t in lora_targets.split(",")}
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if not isinstance(module, torch.nn.Linear) or leaf in ("lm_head", "score"):
+                continue
+            if targets is None or leaf in targets:
+                lora += lora_r * (module.in_features + module.out_features)
+    heads = config.num_attention_heads
+    return ModelShape(params, lora, config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
+                      config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads,
+                      config.vocab_size)
+
+
+def layer_activation_bytes(shape: ModelShape, bf16: bool) -> int:
+    """Bytes one decoder layer keeps for its backward pass, per token (weights and their bf16 copies not counted).
+
+    Korthikanti et al., "Reducing Activation Recomputation in Large
+    Transformer Models" (arXiv 2205.05198, §4.1), count the tensors a layer
+    saves for its backward: 34·s·b·h bytes for a GPT layer in fp16 with
+    dropout, plus 5·a·s²·b for the attention scores. The same count for the
+    pre-norm SwiGLU decoder layer of Llama / Qwen2 / Mistral as transformers
+    runs it, with dropout off (as every posttrain stage sets it) and fused
+    attention (SDPA keeps q, k, v, a log-sum-exp per head and its output,
+    never the s x s scores), per token:
+
+    - each RMSNorm (two), in float32: its input, the normalised value and
+      1/rms; in fp32 also the output, which the projections read as it is;
+    - rotary embedding: cos and sin (2·head_dim, float32);
+    - attention: q (h), k and v (2·h_kv), the log-sum-exp (heads, float32),
+      SDPA's output (h, which o_proj reads);
+    - MLP: gate output, SiLU output, up output and their product (4·i);
+    - under bf16 autocast every projection casts its input on its own: q, k, v
+      each keep a bf16 copy of the norm's output (3h), gate and up another (2h).
+
+    `tests/test_memory.py` checks this count against the tensors autograd
+    actually saves.
+    """
+    h, i, heads = shape.hidden, shape.intermediate, shape.heads
+    kv, head_dim = h * shape.kv_heads // heads, h // heads
+    fp32_values = 2 * (2 * h + 1) + 2 * head_dim + heads + (0 if bf16 else 2 * h)
+    compute_values = h + 2 * kv + h + 4 * i + (5 * h if bf16 else 0)
+    return fp32_values * FP32 + compute_values * (BF16 if bf16 else FP32)
+
+
+def activation_bytes(shape: ModelShape, tokens: int, bf16: bool, checkpointing: bool) -> int:
+    """Activations of one micro-batch of ``tokens`` positions kept for the backward pass through the decoder."""
+    layer = layer_activation_bytes(shape, bf16)
+    if checkpointing:  # each layer keeps only its input (the fp32 residual stream); one layer is recomputed at a time
+        return tokens * (shape.layers * shape.hidden * FP32 + layer)
+    return tokens * shape.layers * layer
+
+
+def logits_bytes(shape: ModelShape, scored_tokens: int, bf16: bool) -> int:
+    """One chunk of LM-head logits (losses.head_chunk_tokens positions): the head's output (compute dtype), the float32 chunk the log-softmax
+    reads, and the gradients of both."""
+    values = min(scored_tokens, head_chunk_tokens(shape.vocab)) * shape.vocab
+    return values * 2 * ((BF16 if bf16 else FP32) + FP32)
+
+
+def _read_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def _shape_of(cfg, path: str, scalar: bool = False, lora: bool = False) -> ModelShape | None:
+    """The shape of the model at ``path`` (the embedded tiny model from the tiny_* fields), or None when unreadable."""
+    try:
+        if path == "tiny" and hasattr(cfg, "tiny_hidden_size"):
+            from transformers import Qwen2Config
+
+            config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=cfg.tiny_hidden_size,
+                                 num_hidden_layers=cfg.tiny_num_layers, num_attention_heads=cfg.tiny_num_heads,
+                                 num_key_value_heads=cfg.tiny_num_heads, intermediate_size=cfg.tiny_intermediate_size,
+                                 tie_word_embeddings=True)
+        else:
+            if not (Path(path) / "config.json").is_file():
+                return None
+            config = _read_config(path)
+        return model_shape(config, scalar, cfg.lora_r if lora else 0, cfg.lora_target_modules)
+    except (OSError, ValueError, KeyError, AttributeError):  # the loader reports a bad folder, not this
+        return None
+
+
+def _stage_of(cfg) -> str:
+    from posttrain.config import STAGE_CONFIGS
+
+    return next(stage for stage, cls in STAGE_CONFIGS.items() if type(cfg) is cls)
+
+
+def estimate(cfg, stage: str | None = None) -> dict | None:
+    """Bytes per device of each part of the run (see the module docstring), and a ``total``; None when unreadable."""
+    stage = stage or _stage_of(cfg)
+    scalar = stage == "rm"
+    policy = _shape_of(cfg, cfg.model_name_or_path, scalar=scalar, lora=cfg.use_peft)
+    if policy is None:
+        return None
+    world = distributed.world_size()
+    shard = world if cfg.fsdp else 1
+    trained = policy.lora_params if cfg.use_peft else policy.params
+    parts: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    parts["weights"] = policy.params * FP32 / shard + (trained * BF16 if cfg.bf16 else 0)
+    notes["weights"] = f"{_count(policy.params)} params fp32" + (", + bf16 copies under autocast" if cfg.bf16 else "")
+    parts["gradients"] = trained * FP32 / shard * (2 if world > 1 and not cfg.fsdp else 1)
+    notes["gradients"] = f"{_count(trained)} trained" + (" (LoRA)" if cfg.use_peft else "") + \
+        (", + DDP buckets" if world > 1 and not cfg.fsdp else "")
+    parts["optimizer"] = 2 * trained * FP32 / shard
+    notes["optimizer"] = "AdamW: 2 fp32 moments"
+
+    # frozen copies and the critic
+    ref_path = getattr(cfg, "ref_model_name_or_path", "") or cfg.model_name_or_path
+    needs_ref = {"dpo": not getattr(cfg, "precompute_ref_log_probs", False), "ppo": True,
+                 "grpo": getattr(cfg, "beta", 0) > 0}.get(stage, False)
+    if needs_ref and (getattr(cfg, "ref_model_name_or_path", "") or not cfg.use_peft):
+        ref = _shape_of(cfg, ref_path) or policy
+        parts["reference"] = ref.params * FP32 / shard
+        notes["reference"] = "frozen copy"
+    if getattr(cfg, "reward_model_name_or_path", ""):
+        reward = _shape_of(cfg, cfg.reward_model_name_or_path, scalar=True)
+        if reward is not None:
+            parts["reward_model"] = reward.params * FP32 / shard
+            notes["reward_model"] = "frozen"
+    critic = None
+    if stage == "ppo" and cfg.critic == "separate":
+        critic_path = cfg.critic_model_name_or_path or cfg.reward_model_name_or_path or cfg.model_name_or_path
+        critic = _shape_of(cfg, critic_path, scalar=True) or policy
+        parts["critic"] = critic.params * (FP32 + FP32 + 2 * FP32) / shard
+        notes["critic"] = "weights, gradients, AdamW"
+
+    # one micro-batch: rows x length, and the positions whose logits are scored
+    B = cfg.per_device_train_batch_size
+    if stage in ("sft", "dpo", "rm"):
+        rows, length = B * (2 if stage in ("dpo", "rm") else 1), cfg.max_length
+        scored = rows * length
+    else:
+        length = cfg.max_prompt_length + cfg.max_completion_length
+        if stage == "grpo":
+            rollouts = B * cfg.num_generations
+            rows = math.ceil(rollouts / cfg.gradient_accumulation_steps)
+        else:
+            rollouts = B
+            rows = max(1, B // cfg.num_mini_batches // cfg.gradient_accumulation_steps)
+        scored = rows * cfg.max_completion_length
+    tokens = rows * length
+    acts = activation_bytes(policy, tokens, cfg.bf16, cfg.gradient_checkpointing)
+    if critic is not None:
+        acts += activation_bytes(critic, tokens, cfg.bf16, cfg.gradient_checkpointing)
+    parts["activations"] = acts
+    notes["activations"] = f"{rows} rows x {length} tokens, {policy.layers} layers" + \
+        (", checkpointed" if cfg.gradient_checkpointing else "")
+    if not scalar:
+        parts["logits"] = logits_bytes(policy, scored, cfg.bf16)
+        notes["logits"] = "one chunk of <= 2^24 logits (not B x T x V), with gradients"
+    if stage in ("ppo", "grpo"):
+        kv = policy.hidden * policy.kv_heads // policy.heads
+        # sampling runs outside autocast, on the fp32 weights: the cache is fp32
+        parts["kv_cache"] = rollouts * length * policy.layers * 2 * kv * FP32
+        notes["kv_cache"] = f"{rollouts} rollouts (generation, before the update)"
+    static = sum(v for k, v in parts.items() if k not in ("activations", "logits", "kv_cache"))
+    training = parts["activations"] + parts.get("logits", 0)
+    parts["total"] = static + max(training, parts.get("kv_cache", 0))
+    notes["total"] = f"per device, world size {world}" + (", FSDP" if cfg.fsdp else "")
+    return {"bytes": parts, "notes": notes, "stage": stage}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def format_table(result: dict) -> str:
+    lines = [f"memory estimate ({result['stage']}, per device):"]
+    for name, value in result["bytes"].items():
+        lines.append(f"  {name:<13}{value / 2**20:>10.1f} MiB  {result['notes'].get(name, '')}")
+    return "\n".join(lines)
+
+
+def preflight(cfg) -> dict | None:
+    """Before any weight loads: on CUDA, stop with a UserError when the estimate exceeds the free device memory."""
+    if distributed.device().type != "cuda":
+        return None
+    result = estimate(cfg)
+    if result is not None:
+        free, _ = torch.cuda.mem_get_info(distributed.device())
+        check_fits(cfg, result["bytes"]["total"], free, str(distributed.device()))
+    return result
+
+
+def report(cfg) -> dict | None:
+    """Print the estimate's table to stderr (rank 0) as the run starts, once its inputs have all loaded.
+
+    Printed only then, so a run refused for bad input still says one line.
+    """
+    result = estimate(cfg)
+    if result is not None and distributed.is_main():
+        print(format_table(result), file=sys.stderr, flush=True)
+    return result
+
+
+def check_fits(cfg, need: float, free: float, device: str) -> None:
+    """A one-line UserError when ``need`` bytes exceed the ``free`` bytes of ``device``, naming what would shrink it."""
+    if need <= free:
+        return
+    options = [opt for opt, on in (("a smaller per_device_train_batch_size", True),
+                                    ("gradient_checkpointing: true", not cfg.gradient_checkpointing),
+                                    ("use_peft: true", not cfg.use_peft),
+                                    ("fsdp: true under torchrun", not cfg.fsdp)) if on]
+    raise UserError(f"memory: this run needs about {need / 2**30:.1f} GiB per device, {device} has "
+                    f"{free / 2**30:.1f} GiB free; set {', or '.join(options)}")
