@@ -36,7 +36,7 @@ from posttrain.data import collate_examples, collate_preferences, eval_rows, pre
 from posttrain.errors import UserError
 from posttrain.losses import masked_sum
 from posttrain.models import load_causal_lm, load_tokenizer, token_logps
-from posttrain.rewards import RewardSource, RewardSources, resolve_reward_func
+from posttrain.rewards import RewardSource, RewardSources, check_required_fields, resolve_reward_func
 from posttrain.rollout import generate
 from posttrain.training import autocast
 
@@ -222,7 +222,7 @@ def pair_evaluation(cfg, model, tokenizer, step: Callable, precompute: Callable 
         return collate_preferences([pairs[i] for i in indices], indices, tokenizer.pad_token_id)
 
     table = precompute(pairs, make_batch) if precompute is not None and getattr(cfg, "precompute_ref_log_probs", False) else None
-    names = {"loss": "loss", **(rename or {})}
+    names = rename or {}
 
     def evaluate() -> dict:
         sums: dict = {}
@@ -244,8 +244,6 @@ def rl_evaluation(cfg, model, tokenizer, rewards: RewardSources) -> Callable[[],
     """An RL stage's held-out figures: eval/reward, the mean reward (the run's own reward sources) of greedy
     completions of held-out prompts, and eval/greedy_accuracy where the rows have an ``answer``. None
     without held-out prompts."""
-    from posttrain.rewards import check_required_fields
-
     rows = eval_rows(cfg)
     if rows is None:
         return None
