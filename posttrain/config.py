@@ -30,7 +30,16 @@ class CommonConfig:
     model_name_or_path: str = "tiny"
     """Local Hugging Face model folder, or `tiny` to build the embedded tiny Qwen2 model."""
     dataset_name: str = ""
-    """Training data: a local .jsonl, .json or .parquet file (or a folder holding one)."""
+    """Training data: a local .jsonl, .jsonl.gz, .json, .parquet or .csv file, a folder holding one, a datasets
+    save_to_disk folder, or a hub snapshot folder with files named by split (data/train-00000-of-00003.parquet)."""
+    dataset_train_split: str = "train"
+    """The split of dataset_name to train on, when it is a DatasetDict or hub snapshot folder."""
+    dataset_test_split: str = "test"
+    """The split evaluated: of eval_dataset_name, or of dataset_name when eval_dataset_name is empty and it has one."""
+    eval_strategy: str = "steps"
+    """When held-out data is evaluated: steps (every eval_steps) | epoch (at each epoch's end) | no; eval/... keys in metrics.jsonl."""
+    eval_steps: int = 0
+    """Evaluate every this many optimizer steps with eval_strategy steps (0: every logging_steps), and at the last step."""
     output_dir: str = "runs/out"
     """Where the config, metrics, plots, checkpoints and final model are written."""
     seed: int = 42
@@ -136,13 +145,15 @@ class SFTConfig(PaddingFreeConfig, TinyModelConfig, CommonConfig):
     completion_only_loss: bool = True
     """Compute the loss on completion / assistant tokens only (False: on every token)."""
     eval_dataset_name: str = ""
-    """Optional prompt file with `answer` fields; accuracy on it is logged at each logging step."""
+    """Held-out SFT rows (loss and perplexity), and prompts with `answer` fields (greedy exact-match accuracy)."""
     eval_max_rows: int = 256
-    """Rows of eval_dataset_name used for the in-training accuracy."""
+    """Rows of the held-out data evaluated."""
 
 
 @dataclass
 class DPOConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
+    eval_dataset_name: str = ""
+    """Held-out preference pairs: eval loss, rewards/accuracies and rewards/margins."""
     ref_model_name_or_path: str = ""
     """Frozen reference model; empty means the starting policy (model_name_or_path)."""
     beta: float = 0.1
@@ -167,9 +178,9 @@ class RMConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
     center_rewards_coefficient: float = 0.0
     """Weight of the (r_chosen + r_rejected)² penalty that keeps rewards centred at 0."""
     eval_dataset_name: str = ""
-    """Held-out preference pairs; empty means hold out eval_split of the training pairs."""
+    """Held-out preference pairs; empty means dataset_name's dataset_test_split, else eval_split of the training pairs."""
     eval_split: float = 0.05
-    """Fraction of the training pairs held out when eval_dataset_name is empty."""
+    """Fraction of the training pairs held out when there is no eval_dataset_name or test split."""
 
 
 @dataclass
@@ -202,9 +213,9 @@ class RolloutConfig:
     """KV cache of `hf` rollouts: dynamic (grows per token; a group's prompt is prefilled once), or static
     (preallocated, with the forward compiled by torch.compile; CUDA only)."""
     eval_dataset_name: str = ""
-    """Optional prompt file with `answer` fields; greedy accuracy on it is logged at each logging step."""
+    """Held-out prompts: mean reward of greedy completions (and exact-match accuracy where rows have `answer`)."""
     eval_max_rows: int = 256
-    """Rows of eval_dataset_name used for the in-training accuracy."""
+    """Rows of the held-out prompts evaluated."""
 
 
 @dataclass
@@ -478,6 +489,7 @@ _CHOICES = {
     "critic": ("separate", "shared"),
     "generation_cache": ("dynamic", "static"),
     "scale_rewards": ("group", "batch", "none"),
+    "eval_strategy": ("no", "steps", "epoch"),
 }
 _LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo")}
 
@@ -551,6 +563,7 @@ _RANGES: dict = {
     "tiny_num_layers": _ge(1),
     "tiny_intermediate_size": _ge(1),
     "eval_max_rows": _ge(1),
+    "eval_steps": _ge(0),
     "eval_split": _within(0, 1),
     "beta": {"dpo": _gt(0), "grpo": _ge(0)},
     "label_smoothing": _within(0, 0.5),
@@ -677,8 +690,13 @@ def _check_paths(cfg, sources: dict | None) -> None:
     for name in _DATA_FIELDS:
         path = getattr(cfg, name, "")
         if path and not Path(path).exists():
-            raise UserError(f"{_field(name, sources)}: {path!r} does not exist (a .jsonl, .json or .parquet file, "
-                            "or a folder holding one)")
+            raise UserError(f"{_field(name, sources)}: {path!r} does not exist (a .jsonl, .jsonl.gz, .json, .parquet "
+                            "or .csv file, a folder holding one, a datasets save_to_disk folder or a hub snapshot folder)")
+        if path:
+            from posttrain.data import split_files
+
+            split = cfg.dataset_train_split if name == "dataset_name" else cfg.dataset_test_split
+            split_files(path, split, _field(name, sources))  # a folder's layout and split, before any model loads
     out = Path(cfg.output_dir)
     if not cfg.output_dir.strip():
         raise UserError(f"{_field('output_dir', sources)} is empty")

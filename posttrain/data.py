@@ -1,6 +1,9 @@
 """Rows on disk -> token ids -> padded (or packed, padding-free) batches.
 
-Formats (DESIGN.md §3), one JSON object per row, from .jsonl, .json or .parquet:
+Formats (DESIGN.md §3), one JSON object per row, from .jsonl, .jsonl.gz, .json, .parquet
+or .csv files (CSV values are strings, so chat messages cannot be CSV), a folder holding one,
+a ``datasets`` save_to_disk folder (Dataset, or DatasetDict with one split chosen), or a hub
+snapshot whose files are named by split (``data/train-00000-of-00003.parquet``, ...):
 
 - SFT:        {"messages": [...]} or {"prompt": str|messages, "completion": str|messages}
 - preference: {"prompt", "chosen", "rejected"}, or {"chosen": [user, assistant],
@@ -23,8 +26,8 @@ with that minimum computed from the longer of chosen and rejected, so both
 sides condition on exactly the same prompt tokens; each response then keeps
 its first ``max_length - len(prompt)`` tokens.
 
-Every bad input raises UserError naming file:line (``file:row N`` in .json and
-.parquet files) and the field: bytes that are not UTF-8, invalid or too deeply
+Every bad input raises UserError naming file:line (``file:row N`` in .json,
+.parquet and save_to_disk datasets) and the field: bytes that are not UTF-8, invalid or too deeply
 nested JSON, lone UTF-16 surrogates (``"\\ud800"``: json accepts them, no
 tokenizer encodes them), a .json file that is not a list, rows that are not
 objects, missing fields and fields of the wrong type, texts that are empty or
@@ -49,6 +52,10 @@ differing turn to split its prompt off at.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import csv
+import gzip
+import io
 import json
 import math
 import random
@@ -64,7 +71,8 @@ from posttrain import distributed
 from posttrain.errors import UserError
 from posttrain.losses import packed_sequence_logps, sequence_logps
 
-SUFFIXES = (".jsonl", ".json", ".parquet")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")  # the shard suffix of hub files: train-00000-of-00003.parquet
 
 
 # ---------------------------------------------------------------- reading rows
@@ -72,27 +80,98 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 
 @dataclass
 class Row:
-    source: str  # "file:line" for error messages
+    source: str  # "file:line" (or "file:row N") for error messages
     data: dict
 
 
-def resolve_data_path(path: str, field: str = "dataset_name") -> Path:
+def _suffix(p: Path) -> str:
+    """The data suffix of a file name ('.jsonl.gz' counts as one), or ''."""
+    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if p.name.endswith(s)), "")
+
+
+def _split_of(p: Path) -> str:
+    """A hub file's split: its name before the shard suffix and the data suffix (data/test-00001-of-00003.parquet -> test)."""
+    return _SHARD.sub("", p.name[:len(p.name) - len(_suffix(p))]).split(".")[0]
+
+
+def _layout(path: str, field: str = "dataset_name") -> tuple[dict[str, list[Path]], bool]:
+    """The splits of a dataset source, each as its files (a save_to_disk folder as itself), and whether
+    the source is named by split (False: one dataset, whatever split is asked for).
+
+    A file is one dataset. A folder is, in this order: a ``DatasetDict.save_to_disk`` folder
+    (dataset_dict.json; one sub-folder per split), a ``Dataset.save_to_disk`` folder (state.json), a
+    folder holding exactly one data file, or a hub snapshot whose data files, in the folder or its
+    ``data/``, are named by split (train.jsonl, data/train-00000-of-00003.parquet, ...).
+    """
     p = Path(path)
-    if p.is_dir():
-        found = sorted(q for q in p.iterdir() if q.suffix in SUFFIXES)
-        if len(found) != 1:
-            raise UserError(f"{field}: folder {path!r} must hold exactly one .jsonl/.json/.parquet file, found {len(found)}")
-        p = found[0]
-    if not p.is_file():
+    if p.is_file():
+        if not _suffix(p):
+            raise UserError(f"{field}: {path!r} is not a .jsonl, .jsonl.gz, .json, .parquet or .csv file")
+        return {"train": [p]}, False
+    if not p.is_dir():
         raise UserError(f"{field}: file {path!r} not found")
-    if p.suffix not in SUFFIXES:
-        raise UserError(f"{field}: {path!r} is not a .jsonl, .json or .parquet file")
-    return p
+    if (p / "dataset_dict.json").is_file():
+        try:
+            names = json.loads((p / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{field}: {p / 'dataset_dict.json'} is not a datasets DatasetDict index") from None
+        return {str(name): [p / str(name)] for name in names}, True
+    if (p / "state.json").is_file():
+        return {"train": [p]}, False
+    found = sorted(q for folder in (p, p / "data") if folder.is_dir() for q in folder.iterdir()
+                   if q.is_file() and _suffix(q) and not q.name.startswith((".", "_")))
+    if len(found) == 1:
+        return {"train": found}, False
+    splits: dict[str, list[Path]] = {}
+    for q in found:
+        splits.setdefault(_split_of(q), []).append(q)
+    if not {"train", "test", "validation"} & set(splits):
+        names = ", ".join(q.name for q in found[:6]) or "none"
+        raise UserError(f"{field}: folder {path!r} must hold exactly one data file (.jsonl, .jsonl.gz, .json, .parquet, "
+                        f".csv), data files named by split (train.jsonl, data/train-00000-of-00003.parquet) or a "
+                        f"datasets save_to_disk dataset; found {names}")
+    return splits, True
 
 
-def _decode(p: Path) -> str:
-    """The file's text: UTF-8, a leading byte-order mark dropped; bad bytes name their line."""
-    data = p.read_bytes()
+def split_files(path: str, split: str = "train", field: str = "dataset_name") -> list[Path]:
+    """The files of one split of a source (a source of one dataset is that split, whatever its name)."""
+    splits, named = _layout(path, field)
+    if not named:
+        return splits["train"]
+    if split not in splits:
+        raise UserError(f"{field}: split {split!r} not found in {path} (splits: {', '.join(splits)})")
+    return splits[split]
+
+
+def has_split(path: str, split: str) -> bool:
+    """Whether a source named by split (a DatasetDict or hub folder) holds ``split``; never a single dataset."""
+    try:
+        splits, named = _layout(path)
+    except UserError:
+        return False
+    return named and split in splits
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets' progress bars and info logging off while a dataset loads (nothing on stdout), restored after."""
+    import datasets
+
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _decode(p: Path, data: bytes | None = None) -> str:
+    """The file's text (or ``data``, its decompressed bytes): UTF-8, a leading byte-order mark dropped;
+    bad bytes name their line."""
+    data = p.read_bytes() if data is None else data
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:
@@ -162,17 +241,48 @@ def _check_surrogates(row: Row) -> None:
                             "\\ud800-\\udfff escape), which no tokenizer can encode")
 
 
-def read_rows(path: str, field: str = "dataset_name") -> list[Row]:
-    """Every row of a data file with its file:line (row number for .json/.parquet).
+def read_rows(path: str, field: str = "dataset_name", split: str = "train") -> list[Row]:
+    """Every row of a dataset source (a file, or one ``split`` of a folder: see ``_layout``) with its
+    file:line (``file:row N`` for .json, .parquet and save_to_disk rows).
 
     Bad bytes, invalid or too deeply nested JSON, lone surrogates, a .json file that is not a
     list and rows that are not objects are UserErrors naming file:line; a leading UTF-8
     byte-order mark is dropped.
     """
-    p = resolve_data_path(path, field)
-    rows: list[Row] = []
-    if p.suffix == ".jsonl":
-        text = _decode(p)
+    files = split_files(path, split, field)
+    rows = [row for p in files for row in _file_rows(p)]
+    if not rows:
+        raise UserError(f"{files[0] if len(files) == 1 else path}: no rows (the file is empty or holds only blank lines)")
+    for row in rows:
+        if not isinstance(row.data, dict):
+            raise UserError(f"{row.source}: expected a JSON object, got {_json_type(row.data)}")
+    return rows
+
+
+def train_rows(cfg) -> list[Row]:
+    """The training rows: dataset_name (its dataset_train_split when it is named by split)."""
+    return read_rows(cfg.dataset_name, "dataset_name", cfg.dataset_train_split)
+
+
+def eval_rows(cfg, always: bool = False) -> list[Row] | None:
+    """The held-out rows: eval_dataset_name (its dataset_test_split when it is named by split), else
+    dataset_name's dataset_test_split when it has one; None when there are none, or when eval_strategy
+    is `no` (unless ``always``: the reward model reports its held-out accuracy at the end either way)."""
+    if cfg.eval_strategy == "no" and not always:
+        return None
+    if getattr(cfg, "eval_dataset_name", ""):
+        return read_rows(cfg.eval_dataset_name, "eval_dataset_name", cfg.dataset_test_split)
+    if has_split(cfg.dataset_name, cfg.dataset_test_split):
+        return read_rows(cfg.dataset_name, "dataset_name", cfg.dataset_test_split)
+    return None
+
+
+def _file_rows(p: Path) -> list[Row]:
+    """The rows of one data file or save_to_disk folder."""
+    suffix = _suffix(p) if p.is_file() else "arrow"
+    if suffix in (".jsonl", ".jsonl.gz"):
+        text = _decode(p, _gunzip(p) if suffix == ".jsonl.gz" else None)
+        rows = []
         for number, line in enumerate(_lines(text), 1):
             if not line.strip():
                 continue
@@ -180,7 +290,8 @@ def read_rows(path: str, field: str = "dataset_name") -> list[Row]:
             rows.append(Row(f"{p}:{number}", obj))
             if _SURROGATE_ESCAPE.search(line):
                 _check_surrogates(rows[-1])
-    elif p.suffix == ".json":
+        return rows
+    if suffix == ".json":
         text = _decode(p)
         objs = _parse_json(p, text)
         if not isinstance(objs, list):
@@ -189,19 +300,55 @@ def read_rows(path: str, field: str = "dataset_name") -> list[Row]:
         if _SURROGATE_ESCAPE.search(text):
             for row in rows:
                 _check_surrogates(row)
-    else:
-        from datasets import Dataset
+        return rows
+    if suffix == ".csv":
+        return _csv_rows(p, _decode(p))
+    try:
+        with _quiet_datasets():
+            if suffix == "arrow":
+                import datasets
 
-        try:
-            table = Dataset.from_parquet(str(p))
-            rows = [Row(f"{p}:row {i}", obj) for i, obj in enumerate(table, 1)]
-        except Exception as err:  # noqa: BLE001 - any reader failure is a bad file
-            raise UserError(f"{p}: cannot read parquet ({type(err).__name__}: {_one_line(str(err))})") from None
-    if not rows:
-        raise UserError(f"{p}: no rows (the file is empty or holds only blank lines)")
-    for row in rows:
-        if not isinstance(row.data, dict):
-            raise UserError(f"{row.source}: expected a JSON object, got {_json_type(row.data)}")
+                table = datasets.load_from_disk(str(p))
+                objs = table.to_list() if isinstance(table, datasets.Dataset) else None
+            else:
+                import pyarrow.parquet
+
+                objs = pyarrow.parquet.read_table(p).to_pylist()
+    except Exception as err:  # noqa: BLE001 - any reader failure is a bad file
+        what = "a datasets save_to_disk folder" if suffix == "arrow" else "parquet"
+        raise UserError(f"{p}: cannot read {what} ({type(err).__name__}: {_one_line(str(err))})") from None
+    if objs is None:
+        raise UserError(f"{p}: a DatasetDict folder; name one split's folder or the DatasetDict folder itself")
+    return [Row(f"{p}:row {i}", obj) for i, obj in enumerate(objs, 1)]
+
+
+def _gunzip(p: Path) -> bytes:
+    try:
+        return gzip.decompress(p.read_bytes())
+    except (OSError, EOFError) as err:
+        raise UserError(f"{p}: not a valid gzip file ({_one_line(str(err))})") from None
+
+
+def _csv_rows(p: Path, text: str) -> list[Row]:
+    """CSV rows: the header names the fields, every value is a string; file:line is the line a row starts on.
+    Chat messages are lists, which CSV cannot hold."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        if "messages" in header:
+            raise UserError(f"{p}:1: a 'messages' column cannot be CSV (its value is a list of chat messages); "
+                            "store chat rows as .jsonl, .json, .parquet or a datasets folder")
+        rows, start = [], reader.line_num + 1
+        for values in reader:
+            if values:
+                if len(values) != len(header):
+                    raise UserError(f"{p}:{start}: {len(values)} values for the {len(header)} columns of the header")
+                rows.append(Row(f"{p}:{start}", dict(zip(header, values))))
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise UserError(f"{p}:{reader.line_num}: invalid CSV ({err})") from None
     return rows
 
 

@@ -1,5 +1,21 @@
 """`posttrain generate` and `posttrain eval`: sampled and greedy accuracy, mean
-reward, and the mean per-sequence KL to a reference model.
+reward, and the mean per-sequence KL to a reference model; and the held-out
+evaluation of every stage during training, in the stage's own format:
+
+- ``sft_evaluation``: the SFT loss (its token mean, and perplexity) on held-out
+  chats or prompt/completion rows, and greedy exact-match accuracy on rows with
+  an ``answer``;
+- ``pair_evaluation``: a preference stage's own step (dpo_step, rm_step) on
+  held-out pairs: its loss and stats (rewards/accuracies, rewards/margins, ...);
+- ``rl_evaluation``: the mean reward of greedy completions of held-out prompts
+  (and their exact-match accuracy where rows have an ``answer``).
+
+Each returns a function that ``training.fit`` / ``run_rl`` call on the
+eval_strategy schedule, logged as ``eval/...`` keys of metrics.jsonl (or None
+when there is no held-out data). Evaluation runs under no_grad in eval mode (the
+mode is restored after), leaves every RNG as it was, goes in batches of a
+training micro-batch (each rank its share, sums reduced over ranks) and reuses
+the stage's own loss, so eval and training figures are the same function.
 
 `kl_to_ref` is Σ_t (log π(y_t) - log π_ref(y_t)) over each sampled completion,
 averaged over completions: a Monte-Carlo estimate of KL(π || π_ref) per
@@ -10,14 +26,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+from collections.abc import Callable
 
 import torch
 
-from posttrain.data import prompt_examples, read_rows
+from posttrain import distributed
+from posttrain.data import collate_examples, collate_preferences, eval_rows, preference_examples, prompt_examples, read_rows, sft_examples
+from posttrain.errors import UserError
 from posttrain.losses import masked_sum
 from posttrain.models import load_causal_lm, load_tokenizer, token_logps
-from posttrain.rewards import RewardSource, RewardSources, resolve_reward_func
+from posttrain.rewards import RewardSource, RewardSources, check_required_fields, resolve_reward_func
 from posttrain.rollout import generate
+from posttrain.training import autocast
 
 
 @torch.no_grad()
@@ -131,6 +152,10 @@ def _correct(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 def accuracy_probe(model, tokenizer, path: str, max_rows: int, max_new_tokens: int):
     """A greedy-accuracy function for in-training logging (eval_dataset_name)."""
     examples = prompt_examples(read_rows(path, "eval_dataset_name")[:max_rows], tokenizer, 1024)
+    return _accuracy_of(model, tokenizer, examples, max_new_tokens)
+
+
+def _accuracy_of(model, tokenizer, examples, max_new_tokens: int):
     source = RewardSources([RewardSource("exact_match", 1.0, func=resolve_reward_func("exact_match"))], 0)
 
     def probe() -> dict:
@@ -141,11 +166,159 @@ def accuracy_probe(model, tokenizer, path: str, max_rows: int, max_new_tokens: i
     return probe
 
 
-def probe_from_config(cfg, model, tokenizer, max_new_tokens: int):
-    """``accuracy_probe`` on ``cfg.eval_dataset_name``, or None when the config names no eval file."""
-    if not cfg.eval_dataset_name:
+# ----------------------------------------------------------- held-out evaluation during training
+
+
+def _rank_batches(n: int, size: int):
+    """(indices, counted) for this rank over n rows in global batches of size x world: every rank runs the
+    same number of forwards (FSDP2 needs each rank in each one); a rank whose share of the last batch is
+    empty runs row 0 uncounted."""
+    world = distributed.world_size()
+    for start in range(0, n, size * world):
+        share = distributed.rank_share(list(range(start, min(start + size * world, n))))
+        yield (share, True) if share else ([0], False)
+
+
+@contextlib.contextmanager
+def _eval_mode(*models, seed: int = 0):
+    """no_grad, eval mode (each model's mode restored after) and the RNG left as it was."""
+    modes = [(m, m.training) for m in models if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        with torch.no_grad(), _own_rng(seed):
+            yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
+def _reduced_means(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
+    """{key: Σ over ranks of sums / Σ count}, in one all-reduce."""
+    keys = sorted(sums)
+    totals = distributed.all_sum(torch.stack([count.float(), *[sums[k].float() for k in keys]]).to(distributed.device()))
+    total = totals[0].clamp_min(1e-12)
+    return {k: float(v / total) for k, v in zip(keys, totals[1:].cpu())}
+
+
+def _add(sums: dict, stats: dict, weight: float) -> None:
+    for k, v in stats.items():
+        value = torch.as_tensor(v, dtype=torch.float32).detach().to(distributed.device()) * weight
+        sums[k] = sums[k] + value if k in sums else value
+
+
+def sft_evaluation(cfg, model, tokenizer, loss_fn: Callable, max_new_tokens: int = 8) -> Callable[[], dict] | None:
+    """SFT's held-out figures: eval/loss (``loss_fn``'s token mean over every held-out response token) and
+    eval/perplexity (its exp) on chat or prompt/completion rows; eval/greedy_accuracy on rows with an
+    ``answer`` (a prompt file). None without held-out data."""
+    rows = eval_rows(cfg)
+    if rows is None:
         return None
-    return accuracy_probe(model, tokenizer, cfg.eval_dataset_name, cfg.eval_max_rows, max_new_tokens)
+    rows = rows[:cfg.eval_max_rows]
+    first = rows[0].data
+    scored = "messages" in first or "completion" in first
+    probe = _greedy_accuracy(model, tokenizer, rows, max_new_tokens, cfg.seed) if "answer" in first else None
+    if not scored and probe is None:
+        raise UserError(f"{rows[0].source}: held-out SFT rows need 'messages', 'prompt' and 'completion' (loss), "
+                        "or 'prompt' and 'answer' (accuracy)")
+    examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length) if scored else []
+
+    def evaluate() -> dict:
+        out = probe() if probe is not None else {}
+        if not examples:
+            return out
+        nll, tokens = torch.zeros((), device=distributed.device()), torch.zeros((), device=distributed.device())
+        with _eval_mode(model, seed=cfg.seed):
+            for indices, counted in _rank_batches(len(examples), cfg.per_device_train_batch_size):
+                batch = collate_examples([examples[i] for i in indices], tokenizer.pad_token_id,
+                                         cfg.completion_only_loss).to(distributed.device())
+                with autocast(cfg.bf16):
+                    loss, _ = loss_fn(batch)
+                n = batch.loss_mask.sum() * counted
+                nll, tokens = nll + loss.float() * n, tokens + n
+        mean = _reduced_means({"loss": nll}, tokens)["loss"]
+        return {"eval/loss": mean, "eval/perplexity": math.exp(min(mean, 80.0)), **out}
+
+    return evaluate
+
+
+def pair_evaluation(cfg, model, tokenizer, step: Callable, precompute: Callable | None = None,
+                    rename: dict | None = None, rows: list | None = None) -> Callable[[], dict] | None:
+    """A preference stage's held-out figures: ``step(batch, reference_table)`` (the stage's own loss and
+    stats, e.g. dpo_step's rewards/accuracies and rewards/margins) averaged over every held-out pair, as
+    eval/loss and eval/<stat> (``rename`` maps a stat to its eval name). ``precompute(pairs, make_batch)``
+    scores the held-out pairs with the reference once, where the stage does so for its training pairs
+    (precompute_ref_log_probs). ``rows``: the held-out rows, when not ``eval_rows(cfg)``. None without
+    held-out data."""
+    rows = eval_rows(cfg) if rows is None else rows
+    if not rows:
+        return None
+    pairs = preference_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+
+    def make_batch(indices):
+        return collate_preferences([pairs[i] for i in indices], indices, tokenizer.pad_token_id)
+
+    table = precompute(pairs, make_batch) if precompute is not None and getattr(cfg, "precompute_ref_log_probs", False) else None
+    names = rename or {}
+
+    def evaluate() -> dict:
+        sums: dict = {}
+        count = torch.zeros((), device=distributed.device())
+        with _eval_mode(model, seed=cfg.seed):
+            for indices, counted in _rank_batches(len(pairs), cfg.per_device_train_batch_size):
+                batch = make_batch(indices).to(distributed.device())
+                with autocast(cfg.bf16):
+                    loss, stats = step(batch, table)
+                weight = len(indices) * counted
+                _add(sums, {"loss": loss, **stats}, weight)
+                count = count + weight
+        return {f"eval/{names.get(k, k)}": v for k, v in _reduced_means(sums, count).items()}
+
+    return evaluate
+
+
+def rl_evaluation(cfg, model, tokenizer, rewards: RewardSources) -> Callable[[], dict] | None:
+    """An RL stage's held-out figures: eval/reward, the mean reward (the run's own reward sources) of greedy
+    completions of held-out prompts, and eval/greedy_accuracy where the rows have an ``answer``. None
+    without held-out prompts."""
+    rows = eval_rows(cfg)
+    if rows is None:
+        return None
+    rows = rows[:cfg.eval_max_rows]
+    prompts = prompt_examples(rows, tokenizer, cfg.max_prompt_length)
+    check_required_fields(cfg.reward_funcs, prompts, [r.source for r in rows])
+    answers = all("answer" in p.extra for p in prompts)
+    exact = RewardSources([RewardSource("exact_match", 1.0, func=resolve_reward_func("exact_match"))], 0)
+    size = cfg.per_device_train_batch_size * getattr(cfg, "num_generations", 1)  # the sequences of a rollout
+
+    def evaluate() -> dict:
+        sums: dict = {}
+        count = torch.zeros((), device=distributed.device())
+        with _eval_mode(model, seed=cfg.seed):
+            for indices, counted in _rank_batches(len(prompts), size):
+                chunk = [prompts[i] for i in indices]
+                gen = generate(model, tokenizer, [p.prompt_ids for p in chunk], cfg.max_completion_length, greedy=True)
+                texts, extras = [p.prompt_text for p in chunk], [p.extra for p in chunk]
+                reward, _ = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in chunk])
+                stats = {"reward": reward.float().mean(), "completion_length": gen.completion_mask.sum(-1).float().mean()}
+                if answers:
+                    stats["greedy_accuracy"] = _correct(exact.score(texts, gen.completions, extras)[1]).float().mean()
+                _add(sums, stats, len(chunk) * counted)
+                count = count + len(chunk) * counted
+        return {f"eval/{k}": v for k, v in _reduced_means(sums, count).items()}
+
+    return evaluate
+
+
+def _greedy_accuracy(model, tokenizer, rows, max_new_tokens: int, seed: int) -> Callable[[], dict]:
+    examples = prompt_examples(rows, tokenizer, 1024)
+    probe = _accuracy_of(model, tokenizer, examples, max_new_tokens)
+
+    def evaluate() -> dict:
+        with _eval_mode(model, seed=seed):
+            return probe()
+
+    return evaluate
 
 
 def generate_main(args) -> None:

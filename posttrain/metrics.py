@@ -165,7 +165,8 @@ def write_summary(output_dir: str, values: dict) -> None:
 
 PLOT_KEYS = ("loss", "accuracy", "reward", "rewards/accuracies", "rewards/margins", "logps/chosen",
              "logps/rejected", "kl", "entropy", "value_loss", "policy_loss", "explained_variance",
-             "clip_ratio", "completion_length", "learning_rate", "eval/greedy_accuracy", "reward_std")
+             "clip_ratio", "completion_length", "learning_rate", "eval/greedy_accuracy", "reward_std",
+             "eval/loss", "eval/reward", "eval/pair_accuracy", "eval/rewards/accuracies", "eval/rewards/margins")
 
 
 def plot_metrics(output_dir: str, title: str = "") -> list[Path]:

@@ -310,18 +310,30 @@ def fit(
                 window.add({"loss": step_loss, "grad_norm": grad_norm, **guard.observe(grad_norm)})
                 step += 1
                 logger.advance()
+                extra = evaluate() if evaluate is not None and eval_due(cfg, step, steps, micro >= len(batches)) else {}
                 if step % cfg.logging_steps == 0 or step == steps:
-                    extra = evaluate() if evaluate is not None else {}
                     model.train()
                     lr = scheduler.get_last_lr()[0]
                     record = logger.log(step, {"epoch": round(epoch + micro / len(batches), 4), **window.pop(),
                                                "learning_rate": lr, **extra})
+                elif extra:  # an eval step between two log lines: a line of its own
+                    logger.log(step, extra)
                 checkpoint_or_stop(cfg, step, steps, interrupts, logger, save)
             if micro >= len(batches):
                 epoch, micro = epoch + 1, 0
     logger.close()
     record["wall_s"] = round(logger.elapsed_s, 2)
     return record
+
+
+def eval_due(cfg, step: int, steps: int, epoch_done: bool) -> bool:
+    """Whether held-out data is evaluated after this optimizer step: eval_strategy steps, every eval_steps
+    (0: every logging_steps); epoch, at the end of each epoch; and both at the last step; no, never."""
+    if cfg.eval_strategy == "no":
+        return False
+    if cfg.eval_strategy == "epoch":
+        return epoch_done or step == steps
+    return step % (cfg.eval_steps or cfg.logging_steps) == 0 or step == steps
 
 
 def finish(cfg, model, tokenizer, record: dict, title: str, extra: dict | None = None) -> None:
@@ -372,6 +384,10 @@ class PromptStream:
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
+    def epoch_done(self) -> bool:
+        """Whether the last batch taken ended its epoch."""
+        return self.position >= len(self._order())
+
 
 def rl_total_steps(cfg, num_prompts: int) -> int:
     """Rollout batches of the run: max_steps, else epochs over the prompts (global batches)."""
@@ -414,10 +430,12 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
             scheduler.step()
             step += 1
             logger.advance()
+            extra = probe() if probe and eval_due(cfg, step, steps, stream.epoch_done()) else {}
             if step % cfg.logging_steps == 0 or step == steps:
-                extra = probe() if probe else {}
                 record = logger.log(step, {**window.pop(), **state, "learning_rate": scheduler.get_last_lr()[0],
                                            **extra})
+            elif extra:  # an eval step between two log lines: a line of its own
+                logger.log(step, extra)
             checkpoint_or_stop(cfg, step, steps, interrupts, logger, save)
     logger.close()
     record["wall_s"] = round(logger.elapsed_s, 2)

@@ -56,6 +56,7 @@ RANGES = {
     "tiny_num_layers": (1, False, None, None),
     "tiny_intermediate_size": (1, False, None, None),
     "eval_max_rows": (1, False, None, None),
+    "eval_steps": (0, False, None, None),
     "eval_split": (0, False, 1, True),
     "beta": {"dpo": (0, True, None, None), "grpo": (0, False, None, None)},
     "label_smoothing": (0, False, 0.5, True),

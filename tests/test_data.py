@@ -562,11 +562,11 @@ def test_empty_file(tmp_path, name, content):
     assert name in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["data.csv", "data.txt", "data"])
+@pytest.mark.parametrize("name", ["data.tsv", "data.txt", "data"])
 def test_unknown_extension(tmp_path, name):
     path = tmp_path / name
     path.write_text(json.dumps(GOOD["sft"]) + "\n")
-    with pytest.raises(UserError, match=r"\.jsonl, \.json or \.parquet") as info:
+    with pytest.raises(UserError, match=r"\.jsonl, \.jsonl\.gz, \.json, \.parquet or \.csv") as info:
         D.read_rows(str(path))
     assert name in str(info.value)
 

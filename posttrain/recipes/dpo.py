@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.data import collate_preferences, preference_examples, read_rows
+from posttrain.data import collate_preferences, preference_examples, train_rows
 from posttrain.distributed import device
+from posttrain.evaluation import pair_evaluation
 from posttrain.losses import dpo_loss
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.training import autocast, finish, fit, setup_run
@@ -84,7 +85,7 @@ def dpo_step(cfg, policy, ref, batch, ref_table: torch.Tensor | None):
 def main(cfg) -> None:
     # 1. run set-up, policy and reference
     setup_run(cfg)
-    rows = read_rows(cfg.dataset_name)
+    rows = train_rows(cfg)
     tokenizer, policy, ref = load_policy_and_reference(cfg)
 
     # 2. tokenise the pairs
@@ -95,6 +96,10 @@ def main(cfg) -> None:
     def make_batch(indices):
         return collate_preferences([pairs[i] for i in indices], indices, tokenizer.pad_token_id, cfg.padding_free)
 
+    # held-out pairs: dpo_step's loss, rewards/accuracies and rewards/margins (their reference scored now, when precomputed)
+    evaluate = pair_evaluation(cfg, policy, tokenizer, lambda batch, table: dpo_step(cfg, policy, ref, batch, table),
+                               lambda held_out, batch_of: precompute_reference(cfg, policy, ref, held_out, batch_of))
+
     # 3. optionally score every pair with the reference once, then free it
     ref_table = None
     if cfg.precompute_ref_log_probs:
@@ -102,7 +107,7 @@ def main(cfg) -> None:
         ref = None
 
     # 4. train
-    record = fit(cfg, policy, lengths, make_batch, lambda batch: dpo_step(cfg, policy, ref, batch, ref_table), desc="dpo")
+    record = fit(cfg, policy, lengths, make_batch, lambda batch: dpo_step(cfg, policy, ref, batch, ref_table), evaluate, desc="dpo")
 
     # 5. save
     finish(cfg, policy, tokenizer, record, "DPO", {"model_copies": {"policy": 1, "reference": int(ref is not None)}})

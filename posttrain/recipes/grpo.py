@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from posttrain import distributed
-from posttrain.data import prompt_examples, read_rows
-from posttrain.evaluation import probe_from_config
+from posttrain.data import prompt_examples, train_rows
+from posttrain.evaluation import rl_evaluation
 from posttrain.losses import (
     aggregate_loss,
     bias_corrected_kl,
@@ -137,7 +137,7 @@ def main(cfg) -> None:
     # set-up: prompts, policy, reference only when beta > 0, reward sources
     setup_run(cfg)
     tokenizer, policy, ref = load_policy_and_reference(cfg, need_reference=cfg.beta > 0)
-    rows = read_rows(cfg.dataset_name)
+    rows = train_rows(cfg)
     prompts = prompt_examples(rows, tokenizer, cfg.max_prompt_length)
     check_required_fields(cfg.reward_funcs, prompts, [r.source for r in rows])
     rewards = RewardSources.from_config(cfg, tokenizer)
@@ -146,7 +146,7 @@ def main(cfg) -> None:
     steps = rl_total_steps(cfg, len(prompts))
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
-    probe = probe_from_config(cfg, policy, tokenizer, cfg.max_completion_length)
+    probe = rl_evaluation(cfg, policy, tokenizer, rewards)  # held-out mean reward and greedy accuracy
     engine = build_engine(cfg, policy, tokenizer)
 
     def rl_step(indices, window, state):  # steps 1-4 of the module docstring, once per rollout batch

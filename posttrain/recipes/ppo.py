@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from posttrain import checkpoint, distributed
-from posttrain.data import prompt_examples, read_rows
+from posttrain.data import prompt_examples, train_rows
 from posttrain.distributed import device
-from posttrain.evaluation import probe_from_config
+from posttrain.evaluation import rl_evaluation
 from posttrain.losses import (
     adaptive_kl_coef,
     explained_variance,
@@ -171,7 +171,7 @@ def main(cfg) -> None:
     # set-up: prompts, actor + reference, critic, reward sources, optimizer
     setup_run(cfg)
     tokenizer, actor, ref = load_policy_and_reference(cfg)
-    rows = read_rows(cfg.dataset_name)
+    rows = train_rows(cfg)
     prompts = prompt_examples(rows, tokenizer, cfg.max_prompt_length)
     check_required_fields(cfg.reward_funcs, prompts, [r.source for r in rows])
     rewards = RewardSources.from_config(cfg, tokenizer)
@@ -193,7 +193,7 @@ def main(cfg) -> None:
     steps = rl_total_steps(cfg, len(prompts))
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
 
-    probe = probe_from_config(cfg, actor, tokenizer, cfg.max_completion_length)
+    probe = rl_evaluation(cfg, actor, tokenizer, rewards)  # held-out mean reward and greedy accuracy
     engine = build_engine(cfg, actor, tokenizer)
 
     def rl_step(indices, window, state):  # steps 1-5 of the module docstring, once per rollout batch

@@ -17,11 +17,11 @@ import random
 
 import torch
 
-from posttrain.data import collate_preferences, preference_examples, read_rows
-from posttrain.distributed import device
+from posttrain.data import collate_preferences, eval_rows, preference_examples, train_rows
+from posttrain.evaluation import pair_evaluation
 from posttrain.losses import reward_model_loss
 from posttrain.models import disable_dropout, load_scalar_model, load_tokenizer, prepare_for_training, token_values
-from posttrain.training import autocast, finish, fit, setup_run
+from posttrain.training import finish, fit, setup_run
 
 PAD_TOKEN = "<|pad|>"  # added only when the tokenizer's pad would otherwise be its EOS
 
@@ -68,26 +68,11 @@ def rm_step(cfg, model, batch):
     }
 
 
-@torch.no_grad()
-def pair_accuracy(cfg, model, pairs, make_batch) -> float:
-    """Fraction of held-out pairs whose chosen response scores higher."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    size = cfg.per_device_train_batch_size * 2
-    for start in range(0, len(pairs), size):
-        with autocast(cfg.bf16):
-            batch = make_batch(list(range(start, min(start + size, len(pairs))))).to(device())
-            chosen, rejected = pair_scores(model, batch)
-        correct += int((chosen > rejected).sum())
-    model.train(was_training)
-    return correct / max(1, len(pairs))
-
-
 def split_pairs(cfg, rows):
-    """(train rows, eval rows): eval_dataset_name, else a seeded eval_split of the rows."""
-    if cfg.eval_dataset_name:
-        return rows, read_rows(cfg.eval_dataset_name, "eval_dataset_name")
+    """(train rows, eval rows): eval_dataset_name or dataset_name's test split, else a seeded eval_split of the rows."""
+    held_out = eval_rows(cfg, always=True)
+    if held_out is not None:
+        return rows, held_out
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)
     n_eval = int(len(rows) * cfg.eval_split)
@@ -97,7 +82,7 @@ def split_pairs(cfg, rows):
 def main(cfg) -> None:
     # 1. run set-up; the trunk comes from the policy folder, the scalar head starts at 0
     setup_run(cfg)
-    train_rows, eval_rows = split_pairs(cfg, read_rows(cfg.dataset_name))
+    train, held_out = split_pairs(cfg, train_rows(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path)
     model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path", allow_pickle=cfg.allow_pickle)
     if cfg.disable_dropout:  # chosen and rejected are scored by the same deterministic function
@@ -106,19 +91,20 @@ def main(cfg) -> None:
     model = prepare_for_training(model, cfg)  # checkpointing, LoRA (adapters + score head), DDP / FSDP2 under torchrun
 
     # 2. tokenise the pairs
-    train = preference_examples(train_rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    held_out = preference_examples(eval_rows, tokenizer, cfg.max_length, cfg.max_prompt_length) if eval_rows else []
+    train = preference_examples(train, tokenizer, cfg.max_length, cfg.max_prompt_length)
     lengths = [len(p.chosen.prompt_ids) + max(len(p.chosen.completion_ids), len(p.rejected.completion_ids)) for p in train]
 
-    def batch_of(pairs):
-        return lambda idx: collate_preferences([pairs[i] for i in idx], idx, tokenizer.pad_token_id, cfg.padding_free)
+    def make_batch(idx):
+        return collate_preferences([train[i] for i in idx], idx, tokenizer.pad_token_id, cfg.padding_free)
 
-    evaluate = (lambda: {"eval/pair_accuracy": pair_accuracy(cfg, model, held_out, batch_of(held_out))}) if held_out else None
+    # held-out pairs: rm_step's loss and stats, its accuracy named eval/pair_accuracy
+    evaluate = pair_evaluation(cfg, model, tokenizer, lambda batch, _: rm_step(cfg, model, batch),
+                               rename={"accuracy": "pair_accuracy"}, rows=held_out)
 
     # 3. train
-    record = fit(cfg, model, lengths, batch_of(train), lambda batch: rm_step(cfg, model, batch), evaluate, desc="rm")
+    record = fit(cfg, model, lengths, make_batch, lambda batch: rm_step(cfg, model, batch), evaluate, desc="rm")
 
     # 4. save (AutoModelForSequenceClassification loads it) with the held-out accuracy
-    accuracy = pair_accuracy(cfg, model, held_out, batch_of(held_out)) if held_out else None
+    accuracy = evaluate()["eval/pair_accuracy"] if evaluate else None
     finish(cfg, model, tokenizer, record, "Reward model",
            {"report": {"pair_accuracy": accuracy, "eval_pairs": len(held_out)}, "model_copies": {"reward_model": 1}})

@@ -10,8 +10,8 @@ means. ``completion_only_loss: false`` trains on the prompt tokens too.
 
 from __future__ import annotations
 
-from posttrain.data import collate_examples, read_rows, sft_examples
-from posttrain.evaluation import probe_from_config
+from posttrain.data import collate_examples, sft_examples, train_rows
+from posttrain.evaluation import sft_evaluation
 from posttrain.losses import masked_mean
 from posttrain.models import load_causal_lm, load_tokenizer, prepare_for_training, prepare_model, token_logps
 from posttrain.training import finish, fit, setup_run
@@ -40,7 +40,7 @@ def sft_loss(model, batch):
 def main(cfg) -> None:
     # 1. run set-up, data rows, model (the embedded `tiny` is built from the rows' text)
     setup_run(cfg)
-    rows = read_rows(cfg.dataset_name)
+    rows = train_rows(cfg)
     model_path = prepare_model(cfg.model_name_or_path, cfg, lambda: corpus_of(rows))
     tokenizer = load_tokenizer(model_path, chat_template_path=cfg.chat_template_path)
     model = prepare_for_training(load_causal_lm(model_path, allow_pickle=cfg.allow_pickle), cfg)
@@ -53,7 +53,7 @@ def main(cfg) -> None:
         return collate_examples([examples[i] for i in indices], tokenizer.pad_token_id, cfg.completion_only_loss,
                                 cfg.padding_free)
 
-    evaluate = probe_from_config(cfg, model, tokenizer, max_new_tokens=8)
+    evaluate = sft_evaluation(cfg, model, tokenizer, lambda batch: sft_loss(model, batch))  # held-out loss, accuracy
 
     # 3. train
     # the loss is a token mean, so accumulated micro-batches weigh by their response tokens
