@@ -88,12 +88,14 @@ def stage_config(stage: Stage, out: Path, data: Path, quick: bool) -> dict:
     return config
 
 
-def run_stage(stage: Stage, out: Path, data: Path, quick: bool, log) -> dict:
+def run_stage(stage: Stage, out: Path, data: Path, quick: bool, log, num_threads: int = 0) -> dict:
     """Write the stage's YAML, run `posttrain STAGE --config` in a child process, return its summary."""
     stage_dir = out / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     config_path = out / f"{stage.name}.yaml"
     config = stage_config(stage, out, data, quick)
+    if num_threads:
+        config["num_threads"] = num_threads
     config_path.write_text(f"# posttrain {stage.command} --config {config_path}\n" + yaml.safe_dump(config, sort_keys=False))
     threads = str(config.get("num_threads") or 1)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
@@ -127,7 +129,7 @@ def evaluate_stage(stage: Stage, out: Path, data: Path, ref, max_rows: int) -> d
     return evaluate(model, tokenizer, examples, rewards, ref, max_new_tokens=6, seed=0, num_samples_kept=12)
 
 
-def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int = 0) -> dict:
+def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int = 0, num_threads: int = 0) -> dict:
     import torch
 
     out = Path(output_dir)
@@ -159,14 +161,14 @@ def run_demo(output_dir: str, quick: bool = False, stages: str = "", jobs: int =
             def task(stage=stage, deps=deps):
                 for dep in deps:
                     dep.result()
-                return run_stage(stage, out, data, quick, log)
+                return run_stage(stage, out, data, quick, log, num_threads)
 
             futures[stage.name] = pool.submit(task)
         for name, future in futures.items():
             results[name] = future.result()
 
     # 3. evaluation on the held-out prompts
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(num_threads or max(1, os.cpu_count() or 1))
     from posttrain.models import load_causal_lm
 
     max_rows = 64 if quick else 10**6

@@ -50,7 +50,7 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> tuple
 
 
 def sampling_config(max_new_tokens: int, temperature: float, greedy: bool, top_k: int, num_return_sequences: int,
-                    pad_id: int, eos_id: int, output_scores: bool = False):
+                    pad_id: int, eos_id: int, output_scores: bool = False, top_p: float = 1.0, min_p: float = 0.0):
     """A GenerationConfig built from our own fields only.
 
     Nothing comes from the checkpoint's generation_config.json: a
@@ -58,18 +58,21 @@ def sampling_config(max_new_tokens: int, temperature: float, greedy: bool, top_k
     ... there would change the sampled distribution away from the one RL
     scores (softmax(z / temperature)). Every processor is set to its neutral
     value explicitly, so none is filled in from the model's defaults either.
+    Only ``top_k``, ``top_p`` and ``min_p``, when asked for, truncate it; as
+    in TRL, the scored distribution stays the untruncated softmax(z / T).
     """
     from transformers import GenerationConfig
 
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
-                                                     "top_k": top_k, "top_p": 1.0}
+                                                     "top_k": top_k, "top_p": top_p, "min_p": min_p or None}
     return GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=0, num_return_sequences=num_return_sequences,
         pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None, use_cache=True, num_beams=1,
-        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, min_p=None,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0,
         epsilon_cutoff=0.0, eta_cutoff=0.0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
         forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None, renormalize_logits=False,
-        exponential_decay_length_penalty=None, return_dict_in_generate=True, output_scores=output_scores, **sampling)
+        exponential_decay_length_penalty=None, return_dict_in_generate=True, output_scores=output_scores,
+        **{"min_p": None, **sampling})
 
 
 @contextlib.contextmanager
@@ -92,7 +95,7 @@ def _clean_generation_defaults(model, config):
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False, num_return_sequences: int = 1, top_k: int = 0,
-             return_sampling_logps: bool = False) -> Generation:
+             return_sampling_logps: bool = False, top_p: float = 1.0, min_p: float = 0.0) -> Generation:
     """Sample completions for a batch of prompts in one `generate` call (KV cache on).
 
     With ``num_return_sequences = G`` the G completions of a prompt are
@@ -109,7 +112,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     ids, mask = left_pad(prompt_ids, pad_id)
     ids, mask = ids.to(model.device), mask.to(model.device)
     config = sampling_config(max_new_tokens, temperature, greedy, top_k, num_return_sequences, pad_id, eos_id,
-                             output_scores=return_sampling_logps)
+                             output_scores=return_sampling_logps, top_p=top_p, min_p=min_p)
     with _clean_generation_defaults(model, config):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                              **distributed.generation_kwargs(model))
@@ -152,13 +155,15 @@ class HFEngine:
     of the weights (a serving engine) copies them in ``load_weights``.
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0):
+    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.top_p, self.min_p = top_p, min_p
 
     def generate(self, prompt_ids: list[list[int]], num_return_sequences: int = 1) -> Generation:
         return generate(self.model, self.tokenizer, prompt_ids, self.max_new_tokens, self.temperature,
-                        num_return_sequences=num_return_sequences, top_k=self.top_k)
+                        num_return_sequences=num_return_sequences, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
 
     def load_weights(self, model) -> None:
         """Weights are shared with ``model`` already."""
@@ -167,7 +172,7 @@ class HFEngine:
 def build_engine(cfg, model, tokenizer):
     """``rollout_engine``: `hf`, or `module:factory` called as factory(cfg=..., model=..., tokenizer=...)."""
     if cfg.rollout_engine == "hf":
-        return HFEngine(model, tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_k)
+        return HFEngine(model, tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
     from posttrain.rewards import resolve_callable
 
     return resolve_callable(cfg.rollout_engine, "rollout_engine")(cfg=cfg, model=model, tokenizer=tokenizer)

@@ -21,7 +21,14 @@ from posttrain.data import collate_preferences, preference_examples, read_rows
 from posttrain.distributed import device
 from posttrain.errors import UserError
 from posttrain.losses import reward_model_loss
-from posttrain.models import disable_dropout, load_scalar_model, load_tokenizer, prepare_for_training, sequence_scores
+from posttrain.models import (
+    disable_dropout,
+    load_options,
+    load_scalar_model,
+    load_tokenizer,
+    prepare_for_training,
+    sequence_scores,
+)
 from posttrain.training import autocast, finish, fit, setup_run
 
 PAD_TOKEN = "<|pad|>"  # added only when the tokenizer's pad would otherwise be its EOS
@@ -98,8 +105,9 @@ def main(cfg) -> None:
     # 1. run set-up; the trunk comes from the policy folder, the scalar head starts at 0
     setup_run(cfg)
     train_rows, eval_rows = split_pairs(cfg, read_rows(cfg.dataset_name))
-    tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path)
-    model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path", allow_pickle=cfg.allow_pickle)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path, eos_token=cfg.eos_token)
+    model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path", allow_pickle=cfg.allow_pickle,
+                              **load_options(cfg))
     if cfg.disable_dropout:  # chosen and rejected are scored by the same deterministic function
         disable_dropout(model)
     use_distinct_pad(model, tokenizer)
