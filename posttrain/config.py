@@ -440,10 +440,12 @@ def _apply(stage: str, given: list[tuple], values: dict, sources: dict, yaml_fil
                 _trl_unsupported(stage, key, value, where)
                 continue
             raise UserError(unknown_field_message(stage, key, None if not yaml_file else where))
-        if name in set_by and set_by[name] != key:
-            raise UserError(f"{where}: {key} and {set_by[name]} both set posttrain's {name}; give one of them")
+        value = coerce(cls, name, value, where)
+        if name in set_by and set_by[name] != key and values[name] != value:
+            raise UserError(f"{where}: {key} and {set_by[name]} both set posttrain's {name}, to different values; "
+                            "give one of them")
         set_by[name] = key
-        values[name], sources[name] = coerce(cls, name, value, where), where
+        values[name], sources[name] = value, where
 
 
 def _read_yaml(config_file: str) -> tuple[dict, dict[str, int]]:

@@ -159,7 +159,7 @@ def test_yaml_keys_take_the_same_aliases(tmp_path):
 
 
 def test_alias_and_its_field_together_are_an_error():
-    with pytest.raises(UserError, match=r"^--epsilon: epsilon and cliprange both set posttrain's epsilon"):
+    with pytest.raises(UserError, match=r"^--epsilon: epsilon and cliprange both set posttrain's epsilon, to different values"):
         parse("ppo", "--dataset_name", "d.jsonl", "--cliprange", "0.3", "--epsilon", "0.2")
 
 
