@@ -41,7 +41,7 @@ Warnings (one line each on stderr, once per file, after the file is loaded):
 the number of prompts longer than ``max_prompt_length`` (they keep their last
 tokens), and the number of preference pairs whose chosen == rejected (the same
 string or the same messages): they are kept but carry no preference signal
-(their loss does not depend on the weights, so has no gradient). A seed-format pair
+(their loss does not depend on the weights, so has no gradient). A conversation pair
 (no ``prompt``) with identical conversations stays an error, as there is no
 differing turn to split its prompt off at.
 """

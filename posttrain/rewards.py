@@ -4,7 +4,9 @@ A rule reward is called on a batch: ``f(prompts, completions, **fields) ->
 list[float]``, where ``fields`` are the prompt rows' extra columns as lists
 (e.g. ``answer``). Built-ins: ``exact_match`` (the arith task's verifiable
 reward) and ``think_format`` (a bonus for a non-empty reasoning block,
-as in DeepSeek-R1's format reward). ``module:function`` names one of your own. A reward model folder scores
+as in DeepSeek-R1's format reward), and TRL's ``accuracy_reward`` and
+``think_format_reward``. ``module:function`` (or TRL's dotted
+``module.function``) names one of your own. A reward model folder scores
 prompt + completion with its scalar head, re-rendered from the raw prompt and
 the completion text with its own tokenizer exactly as RM training renders a
 row, so the score is read at the token it was trained on. Sources are weighted,

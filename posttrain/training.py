@@ -70,7 +70,7 @@ def start_output(cfg, modules: dict) -> Path | None:
     if previous and not resuming_here and not cfg.overwrite_output_dir:
         raise UserError(f"output_dir: {out} holds another run ({', '.join(previous[:4])}); resume it with "
                         "--resume_from_checkpoint latest, replace it with --overwrite_output_dir true, or choose another folder")
-    if cfg.save_steps:
+    if cfg.save_strategy == "epoch" or cfg.save_strategy == "steps" and cfg.save_steps:
         params = sum(p.numel() * p.element_size() for m in modules.values() for p in m.parameters())
         needed = 2 * 3 * params  # two checkpoints of weights and AdamW's two moments
         probe = next(p for p in [out, *out.parents] if p.exists())
