@@ -40,9 +40,9 @@ class CommonConfig:
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
     lr_scheduler_type: str = "cosine"
-    """Learning-rate schedule after warm-up: cosine | linear | constant | cosine_with_min_lr (cosine down to min_lr_rate)."""
+    """Learning-rate schedule after warm-up: cosine | linear | constant | cosine_with_min_lr (the same as cosine)."""
     min_lr_rate: float = 0.0
-    """cosine_with_min_lr: the learning rate ends at this fraction of learning_rate (TRL: lr_scheduler_kwargs min_lr_rate)."""
+    """The cosine / linear decay ends at this fraction of learning_rate (TRL: lr_scheduler_kwargs min_lr_rate)."""
     warmup_ratio: float = 0.0
     """Fraction of the total steps spent warming the learning rate up from 0."""
     warmup_steps: float = 0.0
@@ -515,8 +515,8 @@ def _fsdp(value, where):
     """transformers' `--fsdp "full_shard auto_wrap"` is posttrain's FSDP2 per decoder layer; other modes are refused."""
     if isinstance(value, str) and value.strip() and value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
         if "full_shard" not in value.split() or set(value.split()) - {"full_shard", "auto_wrap"}:
-            raise UserError(f"{where}: fsdp {value!r} is not supported; posttrain's fsdp is FSDP2 full sharding per "
-                            "decoder layer: --fsdp true (or full_shard auto_wrap)")
+            raise UserError(f"{where}: field 'fsdp': {value!r} is not supported; posttrain's fsdp is FSDP2 full "
+                            "sharding per decoder layer: --fsdp true (or full_shard auto_wrap)")
         return True
     return False if isinstance(value, str) and not value.strip() else value
 
@@ -535,7 +535,7 @@ def _min_lr_rate(value, where):
         raise UserError(f"{where}: lr_scheduler_kwargs min_lr is not supported; give min_lr_rate (min_lr / learning_rate)")
     if set(kwargs) - {"min_lr_rate"}:
         raise UserError(f"{where}: lr_scheduler_kwargs {', '.join(sorted(set(kwargs) - {'min_lr_rate'}))} not supported; "
-                        "only min_lr_rate (with lr_scheduler_type cosine_with_min_lr)")
+                        "only min_lr_rate")
     return kwargs.get("min_lr_rate", 0.0)
 
 
@@ -908,9 +908,6 @@ def validate(stage: str, cfg, sources: dict | None = None, check_paths: bool = F
             raise UserError(f"{_field(name, sources)} must be {text.format_map(vars(cfg))}, got {value!r}")
     if not cfg.dataset_name:
         raise UserError(f"field 'dataset_name' is required for `posttrain {stage}`")
-    if cfg.min_lr_rate and cfg.lr_scheduler_type != "cosine_with_min_lr":
-        raise UserError(f"{_field('min_lr_rate', sources)} applies to lr_scheduler_type cosine_with_min_lr, "
-                        f"not {cfg.lr_scheduler_type}")
     if stage in ("ppo", "grpo") and cfg.save_strategy == "epoch":
         raise UserError(f"{_field('save_strategy', sources)}: epoch applies to sft, rm and dpo; posttrain {stage} "
                         "saves every save_steps rollout batches")

@@ -19,18 +19,16 @@ def build_optimizer(params: list[tuple[str, nn.Parameter]], learning_rate: float
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_lr_rate: float = 0.0) -> float:
-    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine / linear decay to 0
-    (cosine_with_min_lr: cosine decay to ``min_lr_rate``, as transformers' scheduler of that name)."""
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine / linear decay to
+    ``min_lr_rate`` (0 by default; cosine_with_min_lr is cosine, named as transformers' scheduler with a floor)."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if kind == "constant":
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(1.0, progress)
-    if kind == "linear":
-        return 1.0 - progress
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_lr_rate + (1.0 - min_lr_rate) * cosine if kind == "cosine_with_min_lr" else cosine
+    decay = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_rate + (1.0 - min_lr_rate) * decay
 
 
 def warmup_steps_of(total_steps: int, warmup_ratio: float, warmup_steps: float = 0.0) -> int:

@@ -213,7 +213,6 @@ def test_unsupported_flag_is_one_line_exit_2(argv, capsys):
     ("sft", ["--fsdp", "shard_grad_op"], "full sharding"),
     ("sft", ["--lr_scheduler_kwargs", '{"num_cycles": 2}'], "only min_lr_rate"),
     ("sft", ["--lr_scheduler_kwargs", '{"min_lr": 1e-6}'], "min_lr / learning_rate"),
-    ("sft", ["--min_lr_rate", "0.1"], "cosine_with_min_lr"),
     ("sft", ["--dtype", "float16"], "float32, bfloat16, auto"),
 ])
 def test_values_posttrain_cannot_honour_are_refused(stage, argv, words, capsys):
