@@ -89,7 +89,7 @@ def _field_docs(stage: str) -> dict[str, str]:
 
 
 def _stage_parser(sub, stage: str) -> None:
-    from posttrain.config import STAGE_CONFIGS, trl_flags
+    from posttrain.config import STAGE_CONFIGS, TRL_UNSUPPORTED, trl_flags
 
     cls = STAGE_CONFIGS[stage]
     docs = _field_docs(stage)
@@ -114,7 +114,9 @@ def _stage_parser(sub, stage: str) -> None:
         if name not in bools:
             parser.add_argument(f"--{name}", default=argparse.SUPPRESS, nargs="?", const="true", help=argparse.SUPPRESS)
     # HfArgumentParser's negations: `--no_gradient_checkpointing` is `--gradient_checkpointing false`
-    for name in sorted(bools | set(trl_flags(stage))):
+    negatable = bools | {name for name, target in trl_flags(stage).items() if target in bools or name in TRL_UNSUPPORTED
+                         and (TRL_UNSUPPORTED[name][0] is None or any(isinstance(v, bool) for v in TRL_UNSUPPORTED[name][0]))}
+    for name in sorted(negatable):
         if not name.startswith("no_"):
             parser.add_argument(f"--no_{name}", dest=name, action="store_const", const="false",
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)

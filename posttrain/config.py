@@ -302,13 +302,22 @@ class GRPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
 
 
+@functools.lru_cache(maxsize=None)
+def _class_bodies(path: str) -> dict:
+    """Each top-level class of a source file -> its body, from one parse of the file (not one per class)."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    return {node.name: node.body for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
 def field_docs(cls) -> dict[str, str]:
     """Map each field to the string literal under it, walking the class hierarchy."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if klass is object or not dataclasses.is_dataclass(klass):
             continue
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        body = _class_bodies(inspect.getsourcefile(klass)).get(klass.__qualname__)
+        if body is None:  # not a top-level class of its file
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())

@@ -292,6 +292,8 @@ def test_warmup_steps_and_cosine_with_min_lr_by_hand():
         pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
     assert lrs(["--warmup_steps", "0.25", "--lr_scheduler_type", "constant"], 10)[:4] == \
         pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])
+    # min_lr_rate floors a linear decay too: 0.5 + 0.5 x (1 - k/4)
+    assert lrs(["--lr_scheduler_type", "linear", "--min_lr_rate", "0.5"], 4) == pytest.approx([1e-3, 0.875e-3, 0.75e-3, 0.625e-3])
 
 
 def test_logged_learning_rates_follow_the_schedule(tiny_qwen, arith_data, tmp_path, capsys):
