@@ -1,10 +1,11 @@
 """posttrain's command line: subcommand -> config dataclass -> recipe main(cfg).
 
     posttrain sft | rm | dpo | ppo | grpo  [--config FILE.yaml] [--FIELD VALUE ...]
+    posttrain reward ...                   (the same as posttrain rm, TRL's name)
     posttrain generate --model_name_or_path DIR --prompt TEXT
     posttrain eval     --model_name_or_path DIR --dataset_name FILE
     posttrain data     arith --output_dir DIR
-    posttrain demo     [--output_dir runs/demo] [--quick]
+    posttrain demo     [--output_dir runs/demo] [--quick] [--num_threads N]
     posttrain report   RUN_DIR [RUN_DIR ...] [--output FILE.html]
 
 Exit codes: 0 success, 2 bad input (one line naming file, line and field),
@@ -88,18 +89,37 @@ def _field_docs(stage: str) -> dict[str, str]:
 
 
 def _stage_parser(sub, stage: str) -> None:
-    from posttrain.config import STAGE_CONFIGS
+    from posttrain.config import STAGE_CONFIGS, TRL_UNSUPPORTED, trl_flags
 
     cls = STAGE_CONFIGS[stage]
     docs = _field_docs(stage)
-    parser = sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
+    aliases: dict[str, list[str]] = {}
+    for name, target in trl_flags(stage).items():
+        aliases.setdefault(target, []).append(name)
+    parser = sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage],
+                            aliases=["reward"] if stage == "rm" else [])
     parser.add_argument("--config", help="YAML file of field: value (flags override it)")
+    bools = set()
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         # a boolean flag also works bare, as in TRL and the HF Trainer: `--bf16` means `--bf16 true`
         bare = {"nargs": "?", "const": "true"} if f.type == "bool" else {}
+        bools.update([f.name] if f.type == "bool" else [])
+        also = f" (TRL: {', '.join('--' + a for a in aliases[f.name])})" if f.name in aliases else ""
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.type.upper().split(" ")[0],
-                            help=f"{docs.get(f.name, '')} (default: {default!r})", **bare)
+                            help=f"{docs.get(f.name, '')} (default: {default!r}){also}", **bare)
+    # TRL's names (README, TRL command lines): aliases, and flags posttrain refuses or ignores with a notice;
+    # config.load_config reads them, so their values are taken here whatever they are
+    for name in trl_flags(stage):
+        if name not in bools:
+            parser.add_argument(f"--{name}", default=argparse.SUPPRESS, nargs="?", const="true", help=argparse.SUPPRESS)
+    # HfArgumentParser's negations: `--no_gradient_checkpointing` is `--gradient_checkpointing false`
+    negatable = bools | {name for name, target in trl_flags(stage).items() if target in bools or name in TRL_UNSUPPORTED
+                         and (TRL_UNSUPPORTED[name][0] is None or any(isinstance(v, bool) for v in TRL_UNSUPPORTED[name][0]))}
+    for name in sorted(negatable):
+        if not name.startswith("no_"):
+            parser.add_argument(f"--no_{name}", dest=name, action="store_const", const="false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +191,8 @@ def _split_stage_args(args: argparse.Namespace) -> tuple[str | None, dict]:
 def run(argv: list[str]) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
+    if args.command == "reward":  # TRL's name of the reward-model stage
+        args.command = "rm"
     if extras:
         raise UserError(_unknown_args(parser, args.command, extras))
     if args.command in STAGES:

@@ -49,9 +49,13 @@ class CommonConfig:
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
     lr_scheduler_type: str = "cosine"
-    """Learning-rate schedule after warm-up: cosine | linear | constant."""
+    """Learning-rate schedule after warm-up: cosine | linear | constant | cosine_with_min_lr (the same as cosine)."""
+    min_lr_rate: float = 0.0
+    """The cosine / linear decay ends at this fraction of learning_rate (TRL: lr_scheduler_kwargs min_lr_rate)."""
     warmup_ratio: float = 0.0
     """Fraction of the total steps spent warming the learning rate up from 0."""
+    warmup_steps: float = 0.0
+    """Warm-up steps; overrides warmup_ratio when > 0. A value in (0, 1) is a fraction of the total steps, as in transformers."""
     per_device_train_batch_size: int = 8
     """Rows per micro-batch on each process (pairs for rm/dpo, prompts for ppo/grpo)."""
     gradient_accumulation_steps: int = 1
@@ -72,6 +76,9 @@ class CommonConfig:
     """Write a line to metrics.jsonl every this many optimizer steps."""
     save_steps: int = 0
     """Save a resumable checkpoint-STEP/ every this many steps (0: only the final model)."""
+    save_strategy: str = "steps"
+    """steps: checkpoints every save_steps | epoch: one at the end of each epoch (sft, rm, dpo) | no: none
+    (a SIGTERM still saves one to resume from)."""
     save_total_limit: int = 2
     """Keep at most this many checkpoints (oldest deleted first)."""
     resume_from_checkpoint: str = ""
@@ -110,6 +117,13 @@ class CommonConfig:
     """Show a progress bar."""
     report_to: list = field(default_factory=lambda: ["none"])
     """Where metrics go besides metrics.jsonl (always written): none | jsonl | tensorboard (output_dir/runs/) | wandb."""
+    run_name: str = ""
+    """A name for the run, recorded in config.yaml and summary.json."""
+    dtype: str = "float32"
+    """dtype of the weights as loaded: float32 | bfloat16 (weights and optimizer state in bf16) | auto (the
+    checkpoint's own). bf16 autocast over fp32 weights is `bf16: true` instead."""
+    attn_implementation: str = ""
+    """Attention kernel passed to from_pretrained: sdpa | eager | flash_attention_2 (CUDA only); empty: transformers' default."""
 
 
 @dataclass
@@ -143,7 +157,10 @@ class SFTConfig(PaddingFreeConfig, TinyModelConfig, CommonConfig):
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""
     completion_only_loss: bool = True
-    """Compute the loss on completion / assistant tokens only (False: on every token)."""
+    """Compute the loss on completion / assistant tokens only (False: on every token); TRL's assistant_only_loss is this field."""
+    eos_token: str = ""
+    """A token of the tokenizer's vocabulary to use as its EOS (appended to text completions, saved with the
+    tokenizer); empty: the tokenizer's own."""
     eval_dataset_name: str = ""
     """Held-out SFT rows (loss and perplexity), and prompts with `answer` fields (greedy exact-match accuracy)."""
     eval_max_rows: int = 256
@@ -169,6 +186,8 @@ class DPOConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
     """Score the whole dataset with the reference once before training, then release the reference model."""
     rpo_alpha: float = 0.0
     """Weight of the length-normalised NLL of the chosen response added to the loss (RPO); guards against falling chosen log-probs."""
+    max_completion_length: int = 0
+    """Longest chosen / rejected response in tokens, which keep their first tokens (0: only max_length bounds them)."""
 
 
 @dataclass
@@ -181,12 +200,16 @@ class RMConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
     """Held-out preference pairs; empty means dataset_name's dataset_test_split, else eval_split of the training pairs."""
     eval_split: float = 0.05
     """Fraction of the training pairs held out when there is no eval_dataset_name or test split."""
+    eos_token: str = ""
+    """A token of the tokenizer's vocabulary to use as its EOS (appended to text responses, saved with the
+    tokenizer); empty: the tokenizer's own."""
 
 
 @dataclass
 class RewardConfig:
     reward_funcs: list = field(default_factory=lambda: ["exact_match"])
-    """Rule rewards: built-ins exact_match, think_format, or `module:function` of your own."""
+    """Rule rewards: built-ins exact_match, think_format, TRL's accuracy_reward (exact match on `answer` or `solution`)
+    and think_format_reward, or `module:function` / `module.function` of your own."""
     reward_weights: list = field(default_factory=list)
     """Weight per reward source (funcs first, then the reward model); empty means all 1."""
     reward_model_name_or_path: str = ""
@@ -206,7 +229,17 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature of rollouts."""
     top_k: int = 0
-    """Sample from the top-k tokens only (0: all)."""
+    """Sample from the top-k tokens only (0: all). As in TRL, log-probs are still of the untruncated softmax(z/T)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens holding this probability (1: all). As in TRL, the
+    scored distribution stays the untruncated softmax(z/T)."""
+    min_p: float = 0.0
+    """Sample only tokens with at least min_p times the top token's probability (0: off). As in TRL, the scored
+    distribution stays the untruncated softmax(z/T)."""
+    repetition_penalty: float = 1.0
+    """Must be 1.0: a penalty would make the sampled distribution differ from the scored softmax(z/T)."""
+    log_completions: bool = False
+    """Append the last rollout's prompts, completions and rewards to output_dir/completions.jsonl at each logging step (rank 0)."""
     rollout_engine: str = "hf"
     """What samples completions: `hf` (transformers generate with the KV cache), or `module:factory` of your own."""
     generation_cache: str = "dynamic"
@@ -244,6 +277,9 @@ class PPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     """λ of GAE."""
     whiten_advantages: bool = True
     """Whiten advantages over each rollout batch."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards (KL penalty and score) to unit variance over the rollout batch before GAE,
+    without centring them (TRL's whiten_rewards)."""
     num_ppo_epochs: int = 4
     """Passes over each rollout batch."""
     num_mini_batches: int = 1
@@ -260,6 +296,8 @@ class PPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     """Stop a rollout batch's epochs early once approx KL exceeds this (0 disables)."""
     missing_eos_penalty: float = 0.0
     """Subtract this from the score of completions that hit max_completion_length without EOS."""
+    stop_token: str = "eos"
+    """Where completions stop: eos (the tokenizer's EOS), the only value."""
 
 
 @dataclass
@@ -278,7 +316,7 @@ class GRPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     loss_type: str = "grpo"
     """grpo | bnpo | dr_grpo | dapo: how per-token losses are averaged (see docs/papers.md)."""
     scale_rewards: str = "group"
-    """group | batch | none (Dr. GRPO): what the group-centred reward is divided by."""
+    """group | batch | none (Dr. GRPO): what the group-centred reward is divided by (TRL's true: group, false: none)."""
     epsilon: float = 0.2
     """Lower clip range of the ratio."""
     epsilon_high: float = 0.0
@@ -294,13 +332,22 @@ class GRPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
 
 
+@functools.lru_cache(maxsize=None)
+def _class_bodies(path: str) -> dict:
+    """Each top-level class of a source file -> its body, from one parse of the file (not one per class)."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    return {node.name: node.body for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
 def field_docs(cls) -> dict[str, str]:
     """Map each field to the string literal under it, walking the class hierarchy."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if klass is object or not dataclasses.is_dataclass(klass):
             continue
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        body = _class_bodies(inspect.getsourcefile(klass)).get(klass.__qualname__)
+        if body is None:  # not a top-level class of its file
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())
@@ -400,25 +447,44 @@ def load_config(stage: str, config_file: str | None, overrides: dict[str, str], 
 
     Each given field remembers where it came from (``file.yaml:LINE`` or ``--field``), so
     every message names it. ``check_paths`` (the command line) also checks the files and
-    folders the run reads and writes, before anything is written.
+    folders the run reads and writes, before anything is written. TRL's names are read
+    through ``TRL_ALIASES`` and ``TRL_UNSUPPORTED``, in YAML keys and flags alike.
     """
     cls = STAGE_CONFIGS[stage]
-    names = {f.name for f in dataclasses.fields(cls)}
     values, sources = {}, {}
     if config_file:
         loaded, lines = _read_yaml(config_file)
-        for key, value in loaded.items():
-            where = f"{config_file}:{lines.get(str(key), 1)}"
-            if key not in names:
-                raise UserError(unknown_field_message(stage, key, where))
-            values[key], sources[key] = coerce(cls, key, value, where), where
-    for key, value in overrides.items():
-        if key not in names:
-            raise UserError(unknown_field_message(stage, key))
-        values[key], sources[key] = coerce(cls, key, value, f"--{key}"), f"--{key}"
+        given = [(key, value, f"{config_file}:{lines.get(str(key), 1)}") for key, value in loaded.items()]
+        _apply(stage, given, values, sources, yaml_file=True)
+    _apply(stage, [(key, value, f"--{key}") for key, value in overrides.items()], values, sources)
     cfg = cls(**values)
     validate(stage, cfg, sources, check_paths=check_paths)
     return cfg
+
+
+def _apply(stage: str, given: list[tuple], values: dict, sources: dict, yaml_file: bool = False) -> None:
+    """Set ``values`` / ``sources`` from one layer of (key, value, where): a field, a TRL alias of one
+    (its value converted), or a TRL name posttrain does not support (an error, or a notice when harmless)."""
+    cls = STAGE_CONFIGS[stage]
+    names = {f.name for f in dataclasses.fields(cls)}
+    set_by: dict[str, str] = {}  # field -> the key that set it in this layer
+    for key, value, where in given:
+        name = key
+        alias = TRL_ALIASES.get(key) if isinstance(key, str) else None
+        if alias and alias[0] in names and (alias[2] is None or stage in alias[2]):
+            name = alias[0]
+            value = alias[1](value, where) if alias[1] else value
+        elif key not in names:
+            if isinstance(key, str) and key in TRL_UNSUPPORTED:
+                _trl_unsupported(stage, key, value, where)
+                continue
+            raise UserError(unknown_field_message(stage, key, None if not yaml_file else where))
+        value = coerce(cls, name, value, where)
+        if name in set_by and set_by[name] != key and values[name] != value:
+            raise UserError(f"{where}: {key} and {set_by[name]} both set posttrain's {name}, to different values; "
+                            "give one of them")
+        set_by[name] = key
+        values[name], sources[name] = value, where
 
 
 def _read_yaml(config_file: str) -> tuple[dict, dict[str, int]]:
@@ -466,6 +532,240 @@ def _yaml_key_lines(text: str, config_file: str = "") -> dict[str, int]:
     return lines
 
 
+# ------------------------------------------------------------------ TRL's names
+
+def _negated(value, where):
+    """disable_tqdm -> progress."""
+    return not coerce(CommonConfig, "progress", value, where)
+
+
+def _scale_rewards(value, where):
+    """TRL's scale_rewards also takes true (group) and false (none)."""
+    text = str(value).lower()
+    return {"true": "group", "false": "none"}.get(text, value) if isinstance(value, (str, bool)) else value
+
+
+def _lr_scheduler_type(value, where):
+    """transformers' constant_with_warmup is posttrain's constant (which warms up for warmup_steps / warmup_ratio)."""
+    return "constant" if value == "constant_with_warmup" else value
+
+
+def _fsdp(value, where):
+    """transformers' `--fsdp "full_shard auto_wrap"` is posttrain's FSDP2 per decoder layer; other modes are refused."""
+    if isinstance(value, str) and value.strip() and value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+        if "full_shard" not in value.split() or set(value.split()) - {"full_shard", "auto_wrap"}:
+            raise UserError(f"{where}: field 'fsdp': {value!r} is not supported; posttrain's fsdp is FSDP2 full "
+                            "sharding per decoder layer: --fsdp true (or full_shard auto_wrap)")
+        return True
+    return False if isinstance(value, str) and not value.strip() else value
+
+
+def _min_lr_rate(value, where):
+    """`lr_scheduler_kwargs '{"min_lr_rate": 0.1}'` -> min_lr_rate."""
+    import json
+
+    try:
+        kwargs = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{where}: lr_scheduler_kwargs must be a JSON object such as '{{\"min_lr_rate\": 0.1}}', got {value!r}")
+    if "min_lr" in kwargs:
+        raise UserError(f"{where}: lr_scheduler_kwargs min_lr is not supported; give min_lr_rate (min_lr / learning_rate)")
+    if set(kwargs) - {"min_lr_rate"}:
+        raise UserError(f"{where}: lr_scheduler_kwargs {', '.join(sorted(set(kwargs) - {'min_lr_rate'}))} not supported; "
+                        "only min_lr_rate")
+    return kwargs.get("min_lr_rate", 0.0)
+
+
+# TRL / transformers name -> (posttrain field, value conversion or None, stages or None for every stage that has the
+# field). Applied to YAML keys and flags alike; a name mapping to itself only converts TRL's values.
+TRL_ALIASES: dict = {
+    "torch_dtype": ("dtype", None, None),
+    "activation_checkpointing": ("gradient_checkpointing", None, None),
+    "disable_tqdm": ("progress", _negated, None),
+    "lr_scheduler_kwargs": ("min_lr_rate", _min_lr_rate, None),
+    "lr_scheduler_type": ("lr_scheduler_type", _lr_scheduler_type, None),
+    "fsdp": ("fsdp", _fsdp, None),
+    "assistant_only_loss": ("completion_only_loss", None, ("sft",)),
+    "scale_rewards": ("scale_rewards", _scale_rewards, ("grpo",)),
+    "cliprange": ("epsilon", None, ("ppo",)),
+    "response_length": ("max_completion_length", None, ("ppo",)),
+    "sft_model_path": ("model_name_or_path", None, ("ppo",)),
+    "reward_model_path": ("reward_model_name_or_path", None, ("ppo",)),
+    "exp_name": ("run_name", None, ("ppo",)),
+}
+
+ANY = None  # every value is harmless: a notice, never an error
+_VLLM = "posttrain samples with transformers generate; plug in a serving engine with rollout_engine module:factory"
+_HUB = "posttrain never uploads; upload output_dir yourself (e.g. `hf upload REPO output_dir`)"
+_EVAL = "posttrain's in-training evaluation is eval_dataset_name (see README)"
+_LOADER = "posttrain tokenises the dataset once up front and uses no loader workers"
+_DDP = "posttrain sets up DDP / FSDP2 itself under torchrun"
+_ADAMW = "posttrain trains with torch AdamW, betas (0.9, 0.999), eps 1e-8"
+_QUANT = "quantised loading is not supported; use dtype bfloat16 (with use_peft for adapters)"
+_NO = "not supported"
+
+# TRL / transformers name posttrain has no field for -> (values that are posttrain's behaviour already, or ANY;
+# what to use instead). A listed value (or any value, for ANY) is ignored with a notice; any other is an error.
+TRL_UNSUPPORTED: dict = {
+    # transformers TrainingArguments
+    "accelerator_config": ((), "launch with torchrun; posttrain reads no accelerate config"),
+    "adam_beta1": ((0.9,), _ADAMW), "adam_beta2": ((0.999,), _ADAMW), "adam_epsilon": ((1e-8,), _ADAMW),
+    "optim": (("adamw_torch", "adamw_torch_fused"), _ADAMW), "optim_args": ((), _ADAMW),
+    "optim_target_modules": ((), _ADAMW),
+    "auto_find_batch_size": ((False,), "set per_device_train_batch_size"),
+    "average_tokens_across_devices": ((True,), "posttrain's losses are token means over the global batch"),
+    "batch_eval_metrics": ((False,), _EVAL), "bf16_full_eval": ((False,), _EVAL), "fp16_full_eval": ((False,), _EVAL),
+    "eval_accumulation_steps": (ANY, _EVAL), "eval_delay": ((0, 0.0), _EVAL), "eval_do_concat_batches": (ANY, _EVAL),
+    "eval_on_start": ((False,), _EVAL), "eval_use_gather_object": (ANY, _EVAL), "include_for_metrics": ((), _EVAL),
+    "per_device_eval_batch_size": (ANY, _EVAL), "prediction_loss_only": (ANY, _EVAL), "label_names": ((), _EVAL),
+    "metric_for_best_model": ((), _EVAL), "greater_is_better": ((), _EVAL),
+    "load_best_model_at_end": ((False,), "posttrain saves the final model; pick a checkpoint-STEP folder yourself"),
+    "data_seed": ((), "posttrain's seed also orders the data"),
+    "full_determinism": ((False,), "runs are deterministic in seed on one process already"),
+    "dataloader_drop_last": ((False,), "sft, rm and dpo use every row of each epoch"),
+    "dataloader_num_workers": (ANY, _LOADER), "dataloader_persistent_workers": (ANY, _LOADER),
+    "dataloader_pin_memory": (ANY, _LOADER), "dataloader_prefetch_factor": (ANY, _LOADER),
+    "dataloader_multiprocessing_context": (ANY, _LOADER), "dataloader_in_order": (ANY, _LOADER),
+    "remove_unused_columns": (ANY, "posttrain keeps the columns it needs; a prompt row's other fields reach reward functions"),
+    "length_column_name": (ANY, "posttrain measures lengths itself (group_by_length)"),
+    "train_sampling_strategy": (("random",), "use group_by_length true for length-grouped batches"),
+    "ddp_backend": (ANY, _DDP), "ddp_broadcast_buffers": (ANY, _DDP), "ddp_bucket_cap_mb": (ANY, _DDP),
+    "ddp_find_unused_parameters": (ANY, _DDP), "ddp_static_graph": (ANY, _DDP), "ddp_timeout": (ANY, _DDP),
+    "local_rank": (ANY, "posttrain reads LOCAL_RANK from torchrun's environment"),
+    "parallelism_config": ((), "use --fsdp true under torchrun"),
+    "deepspeed": ((), "use --fsdp true under torchrun (FSDP2 shards weights, gradients and optimizer state)"),
+    "fsdp_config": ((), "posttrain's --fsdp shards per decoder layer and takes no config"),
+    "debug": (("",), _NO),
+    "do_train": (ANY, "posttrain always trains"), "do_eval": (ANY, _EVAL),
+    "do_predict": ((False,), "use posttrain eval / posttrain generate"),
+    "enable_jit_checkpoint": (ANY, "posttrain always saves a checkpoint on SIGTERM"),
+    "fp16": ((False,), "use bf16 (bfloat16 autocast) or dtype bfloat16"),
+    "tf32": ((False,), "posttrain keeps fp32 matmuls in full precision; use bf16 for speed"),
+    "gradient_checkpointing_kwargs": (ANY, "posttrain checkpoints every decoder layer with transformers' defaults"),
+    "activation_checkpointing_kwargs": (ANY, "posttrain checkpoints every decoder layer with transformers' defaults"),
+    "push_to_hub": ((False,), _HUB), "hub_model_id": ((), _HUB), "hub_strategy": ((), _HUB), "hub_token": ((), _HUB),
+    "hub_private_repo": ((), _HUB), "hub_always_push": ((), _HUB), "hub_revision": ((), _HUB),
+    "ignore_data_skip": ((False,), "a resumed run always continues at the saved data position"),
+    "include_num_input_tokens_seen": (("no", False), "num_tokens is logged for sft"),
+    "label_smoothing_factor": ((0, 0.0), "dpo: use label_smoothing"),
+    "use_liger_kernel": ((False,), "posttrain computes log-probs over chunks of positions itself"),
+    "liger_kernel_config": ((), "posttrain computes log-probs over chunks of positions itself"),
+    "log_level": (ANY, "posttrain prints one line per problem"), "log_level_replica": (ANY, "only rank 0 logs"),
+    "log_on_each_node": (ANY, "only rank 0 logs"),
+    "logging_nan_inf_filter": (ANY, "non-finite steps are skipped and counted in nonfinite_steps"),
+    "logging_first_step": ((False,), "posttrain logs every logging_steps and the last step; use logging_steps 1"),
+    "logging_strategy": (("steps",), "posttrain logs every logging_steps"),
+    "neftune_noise_alpha": ((), "no embedding noise (NEFTune) in posttrain; drop the flag"),
+    "project": ((), "metrics go to output_dir/metrics.jsonl and plots/"),
+    "trackio_space_id": ((), "metrics go to output_dir/metrics.jsonl and plots/"),
+    "trackio_bucket_id": ((), "metrics go to output_dir/metrics.jsonl and plots/"),
+    "trackio_static_space_id": ((), "metrics go to output_dir/metrics.jsonl and plots/"),
+    "restore_callback_states_from_checkpoint": ((False,), "posttrain has no callbacks"),
+    "save_on_each_node": ((False,), "rank 0 saves"),
+    "save_only_model": ((False,), "checkpoints hold the optimizer state so that a run resumes exactly"),
+    "skip_memory_metrics": (ANY, "summary.json records peak_rss_mb"),
+    "torch_compile": ((False,), _NO), "torch_compile_backend": ((), _NO), "torch_compile_mode": ((), _NO),
+    "torch_empty_cache_steps": (ANY, "posttrain leaves the CUDA cache to torch"),
+    "use_cache": (ANY, "training forwards never use the KV cache; rollouts always do"),
+    "use_cpu": ((False,), "posttrain uses CUDA when there is a GPU; run with CUDA_VISIBLE_DEVICES= for the CPU"),
+    # TRL's model, script and dataset arguments
+    "model_revision": (("main",), "posttrain reads local model folders only"),
+    "trust_remote_code": ((False,), "posttrain never runs code from a model folder"),
+    "model_init_kwargs": ((), "use dtype and attn_implementation"),
+    "load_in_4bit": ((False,), _QUANT), "load_in_8bit": ((False,), _QUANT), "bnb_4bit_quant_type": (ANY, _QUANT),
+    "use_bnb_nested_quant": ((False,), _QUANT), "bnb_4bit_quant_storage": (ANY, _QUANT),
+    "use_rslora": ((False,), _NO), "use_dora": ((False,), _NO), "lora_modules_to_save": ((), _NO),
+    "lora_target_parameters": ((), "use lora_target_modules"), "lora_task_type": (ANY, "posttrain picks it per stage"),
+    "dataset_config": ((), "give a local .jsonl, .json or .parquet file (or a folder holding one) as dataset_name"),
+    "dataset_streaming": ((False,), "posttrain reads local files whole"),
+    "datasets": ((), "give one local file as dataset_name"),
+    "dataset_text_field": ((), "posttrain sft reads `messages` or `prompt` / `completion` rows"),
+    "dataset_kwargs": ((), _NO), "dataset_num_proc": (ANY, _LOADER), "ignore_bias_buffers": (ANY, _DDP),
+    "shuffle_dataset": ((True,), "posttrain always shuffles, in seed"),
+    # SFT, DPO, reward
+    "packing": ((False,), "use padding_free true (rows concatenated without padding)"),
+    "packing_strategy": ((), "use padding_free true"), "eval_packing": ((), _EVAL),
+    "pad_to_multiple_of": (ANY, "padding never changes posttrain's losses"),
+    "pad_token": ((), "posttrain picks a distinct pad token itself (see README)"),
+    "truncation_mode": ((), "posttrain truncates by its own policy (README, Truncation)"),
+    "loss_type": (("nll",), "posttrain sft trains with the NLL"),
+    "activation_offloading": ((False,), "use gradient_checkpointing"),
+    "router_aux_loss_coef": ((), _NO),
+    "precompute_ref_batch_size": (ANY, "the reference is scored one micro-batch at a time"),
+    "loss_weights": ((), _NO), "ld_alpha": ((), _NO), "f_divergence_type": ((), _NO), "f_alpha_divergence_coef": ((), _NO),
+    "use_weighting": ((False,), _NO), "discopop_tau": ((), _NO),
+    "sync_ref_model": ((False,), "the reference stays the starting policy (or ref_model_name_or_path)"),
+    "ref_model_mixup_alpha": (ANY, "only with sync_ref_model, which posttrain does not support"),
+    "ref_model_sync_steps": (ANY, "only with sync_ref_model, which posttrain does not support"),
+    # GRPO and PPO
+    "use_vllm": ((False,), _VLLM), **{name: ((), _VLLM) for name in (
+        "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex", "vllm_server_base_url",
+        "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization",
+        "vllm_max_model_length", "vllm_tensor_parallel_size", "vllm_importance_sampling_correction",
+        "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+        "vllm_importance_sampling_cap")},
+    "use_transformers_continuous_batching": ((False,), _VLLM), "transformers_continuous_batching_config": ((), _VLLM),
+    "use_transformers_paged": ((False,), _VLLM), "cache_implementation": (ANY, "rollouts use transformers' default KV cache"),
+    "ds3_gather_for_generation": (ANY, "only with deepspeed, which posttrain does not support"),
+    "generation_batch_size": ((), "one rollout batch (per_device_train_batch_size prompts x num_generations) per step"),
+    "steps_per_generation": ((), "one rollout batch per optimizer step; use num_iterations to reuse it"),
+    "generation_kwargs": ((), "use temperature, top_k, top_p and min_p"), "chat_template_kwargs": ((), _NO),
+    "cast_lm_head_to_fp32": ((False,), "log-probs are taken in fp32 from fp32 weights unless dtype is bfloat16"),
+    "num_generations_eval": (ANY, "the in-training evaluation is greedy, one completion per prompt"),
+    "delta": ((), _NO), "importance_sampling_level": (("token",), "ratios are per token"),
+    "sapo_temperature_neg": ((), _NO), "sapo_temperature_pos": ((), _NO), "vespo_k_pos": ((), _NO),
+    "vespo_lambda_pos": ((), _NO), "vespo_k_neg": ((), _NO), "vespo_lambda_neg": ((), _NO),
+    "multi_objective_aggregation": ((), "rewards are summed with reward_weights, then group-normalised"),
+    "top_entropy_quantile": ((1, 1.0), _NO), "entropy_coef": ((0, 0.0), "only posttrain ppo has an entropy bonus"),
+    "use_adaptive_entropy": ((False,), _NO), "entropy_coef_min": (ANY, _NO), "entropy_coef_max": (ANY, _NO),
+    "entropy_coef_delta": (ANY, _NO), "entropy_target": (ANY, _NO), "max_tool_calling_iterations": ((), _NO),
+    "off_policy_mask_threshold": ((), _NO), "log_multimodal": (ANY, "text only"),
+    "num_completions_to_print": (ANY, "use log_completions (completions.jsonl)"), "log_unique_prompts": (ANY, "use log_completions"),
+    "log_completions_hub_repo": ((), _HUB),
+    "total_episodes": ((), "use max_steps (rollout batches of per_device_train_batch_size prompts per process) or num_train_epochs"),
+    "local_rollout_forward_batch_size": (ANY, "rollouts are scored one batch at a time"),
+    "num_sample_generations": (ANY, "use log_completions (completions.jsonl)"),
+    "stop_token_id": ((), "completions stop at the tokenizer's EOS; set eos_token in the model folder"),
+    "model_adapter_name": ((), _NO), "ref_adapter_name": ((), _NO),
+}
+
+
+def _same(value, accepted) -> bool:
+    """A TRL value (a flag's string or a YAML value) equals one posttrain behaves as."""
+    try:
+        if isinstance(accepted, bool):
+            return str(value).lower() in (("true", "1", "yes") if accepted else ("false", "0", "no", "none", ""))
+        if isinstance(accepted, (int, float)):
+            return not isinstance(value, bool) and float(value) == float(accepted)
+    except (TypeError, ValueError):
+        return False
+    return str(value) == accepted
+
+
+def _trl_unsupported(stage: str, key: str, value, where: str) -> None:
+    """A TRL name posttrain has no field for: a one-line notice when the value changes nothing, else a UserError."""
+    import sys
+
+    accepted, instead = TRL_UNSUPPORTED[key]
+    if accepted is ANY:
+        print(f"posttrain: note: {where}: {key} is ignored ({instead})", file=sys.stderr)
+    elif any(_same(value, a) for a in accepted):
+        print(f"posttrain: note: {where}: {key} {value} is posttrain's behaviour already; ignored", file=sys.stderr)
+    else:
+        raise UserError(f"{where}: posttrain {stage} does not support {key}" + (f" {value}" if accepted else "") +
+                        f"; {instead}")
+
+
+def trl_flags(stage: str) -> dict[str, str]:
+    """TRL names a stage's command line also takes: alias or unsupported name -> its target field (or itself)."""
+    names = {f.name for f in dataclasses.fields(STAGE_CONFIGS[stage])}
+    flags = {k: v[0] for k, v in TRL_ALIASES.items() if v[0] in names and (v[2] is None or stage in v[2]) and k not in names}
+    flags.update({k: k for k in TRL_UNSUPPORTED if k not in names})
+    return flags
+
+
 def unknown_field_message(stage: str, key, where: str | None = None, also: tuple = ()) -> str:
     """`--key: unknown field ...` (a flag) or `where: unknown field 'key' ...` (YAML), with the closest
     valid field (or name in ``also``, e.g. the `config` flag)."""
@@ -479,11 +779,17 @@ def unknown_field_message(stage: str, key, where: str | None = None, also: tuple
     owners = [s for s, c in STAGE_CONFIGS.items() if text in {f.name for f in dataclasses.fields(c)}]
     if owners:
         return f"{head} (it is a field of posttrain {' / '.join(owners)})"
+    if text in TRL_ALIASES and TRL_ALIASES[text][2]:
+        target, _, stages = TRL_ALIASES[text]
+        return f"{head} (TRL's {text} is posttrain {' / '.join(stages)}'s {target})"
     return f"{head} (see posttrain {stage} --help)"
 
 
 _CHOICES = {
-    "lr_scheduler_type": ("cosine", "linear", "constant"),
+    "lr_scheduler_type": ("cosine", "linear", "constant", "cosine_with_min_lr"),
+    "save_strategy": ("steps", "epoch", "no"),
+    "dtype": ("float32", "bfloat16", "auto"),
+    "attn_implementation": ("", "sdpa", "eager", "flash_attention_2"),
     "logps_normalization": ("sum", "mean"),
     "kl_estimator": ("k1", "k2", "k3"),
     "critic": ("separate", "shared"),
@@ -542,6 +848,8 @@ _RANGES: dict = {
     "critic_learning_rate": _ge(0),
     "weight_decay": _ge(0),
     "warmup_ratio": _within(0, 1),
+    "warmup_steps": _ge(0),
+    "min_lr_rate": _within(0, 1, closed_high=True),
     "per_device_train_batch_size": _ge(1),
     "gradient_accumulation_steps": _ge(1),
     "num_train_epochs": _gt(0),
@@ -571,7 +879,12 @@ _RANGES: dict = {
     "center_rewards_coefficient": _ge(0),
     "temperature": _gt(0),
     "top_k": _ge(0),
-    "max_completion_length": _ge(1),
+    "max_completion_length": {"ppo": _ge(1), "grpo": _ge(1), "dpo": _ge(0)},
+    "top_p": (lambda v, cfg: 0 < v <= 1, "in (0, 1]"),
+    "min_p": _within(0, 1),
+    "repetition_penalty": (lambda v, cfg: v == 1.0, "1.0 (a penalty would make the sampled distribution differ from "
+                           "the scored softmax(z/T))"),
+    "stop_token": (lambda v, cfg: v == "eos", "eos (completions stop at the tokenizer's EOS)"),
     "kl_coef": _ge(0),
     "target_kl_coef": _ge(0),
     "kl_horizon": _ge(1),
@@ -639,6 +952,9 @@ def validate(stage: str, cfg, sources: dict | None = None, check_paths: bool = F
     _check_report_to(cfg, sources)
     if not cfg.dataset_name:
         raise UserError(f"field 'dataset_name' is required for `posttrain {stage}`")
+    if stage in ("ppo", "grpo") and cfg.save_strategy == "epoch":
+        raise UserError(f"{_field('save_strategy', sources)}: epoch applies to sft, rm and dpo; posttrain {stage} "
+                        "saves every save_steps rollout batches")
     if stage in ("ppo", "grpo") and cfg.reward_weights:
         count = len(cfg.reward_funcs) + bool(cfg.reward_model_name_or_path)
         if len(cfg.reward_weights) != count:

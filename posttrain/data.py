@@ -44,7 +44,7 @@ Warnings (one line each on stderr, once per file, after the file is loaded):
 the number of prompts longer than ``max_prompt_length`` (they keep their last
 tokens), and the number of preference pairs whose chosen == rejected (the same
 string or the same messages): they are kept but carry no preference signal
-(their loss does not depend on the weights, so has no gradient). A seed-format pair
+(their loss does not depend on the weights, so has no gradient). A conversation pair
 (no ``prompt``) with identical conversations stays an error, as there is no
 differing turn to split its prompt off at.
 """
@@ -442,6 +442,9 @@ def _template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> s
         raise TemplateMismatch(f"the chat template is not valid Jinja (line {err.lineno}: {err.message})") from None
     except TemplateError as err:  # e.g. raise_exception() on roles the template does not accept
         raise TemplateMismatch(f"the chat template rejects these messages: {_one_line(str(err))}") from None
+    except (TypeError, ValueError, KeyError, IndexError) as err:  # the template's own code failed on these messages
+        raise TemplateMismatch(f"the chat template failed on these messages ({type(err).__name__}: "
+                               f"{_one_line(str(err))})") from None
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
@@ -536,9 +539,12 @@ def truncate(example: Example, max_length: int, max_prompt_length: int) -> Examp
 
 
 def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int,
-                  max_prompt_length: int) -> tuple[Example, Example]:
+                  max_prompt_length: int, max_completion_length: int = 0) -> tuple[Example, Example]:
     """Truncate a preference pair once, so chosen and rejected keep the same prompt tokens:
-    the prompt's cut leaves room for the longer response, each response keeps its first tokens."""
+    the prompt's cut leaves room for the longer response, each response keeps its first tokens
+    (at most ``max_completion_length`` of them when it is > 0)."""
+    if max_completion_length:
+        chosen_ids, rejected_ids = chosen_ids[:max_completion_length], rejected_ids[:max_completion_length]
     longest = max(len(chosen_ids), len(rejected_ids))
     prompt = truncated_prompt(prompt_ids, longest, max_length, max_prompt_length)
     budget = max_length - len(prompt)
@@ -644,7 +650,7 @@ class PreferenceExample:
 
 
 def split_shared_prefix(row: Row) -> tuple[list, list, list]:
-    """Seed format: the leading turns both conversations share are the prompt."""
+    """Conversations without a `prompt`: the leading turns both share are the prompt."""
     chosen, rejected = row.data["chosen"], row.data["rejected"]
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -676,7 +682,8 @@ def _margin(row: Row) -> float:
     return value
 
 
-def preference_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int) -> list[PreferenceExample]:
+def preference_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int,
+                        max_completion_length: int = 0) -> list[PreferenceExample]:
     out, prompt_lengths = [], []
     identical: dict[str, int] = {}  # file -> pairs whose chosen == rejected
     try:  # values nested nearly as deep as json allows overflow the stack when compared
@@ -702,7 +709,8 @@ def preference_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_
                 rejected_ids = encode_response(tokenizer, prompt, rejected)
             except TemplateMismatch as err:
                 raise UserError(f"{row.source}: {err}") from None
-            chosen_ex, rejected_ex = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
+            chosen_ex, rejected_ex = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length,
+                                                   max_completion_length)
             prompt_lengths.append(len(prompt_ids))
             out.append(PreferenceExample(chosen_ex, rejected_ex, margin))
     except RecursionError:

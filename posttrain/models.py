@@ -165,7 +165,7 @@ def _check_dir(path: str, field: str, allow_pickle: bool = False) -> None:
     raise UserError(f"{field}: {path!r} has no model weights (*.safetensors)")
 
 
-def load_tokenizer(path: str, field: str = "model_name_or_path", chat_template_path: str = ""):
+def load_tokenizer(path: str, field: str = "model_name_or_path", chat_template_path: str = "", eos_token: str = ""):
     """AutoTokenizer of a local folder, with a pad token chosen when it has none.
 
     The pad is a distinct existing special token where one exists (unk, else a
@@ -184,6 +184,11 @@ def load_tokenizer(path: str, field: str = "model_name_or_path", chat_template_p
         tokenizer.pad_token = (spare or [tokenizer.eos_token])[0]
     if chat_template_path:
         apply_chat_template_file(tokenizer, chat_template_path)
+    if eos_token and eos_token != tokenizer.eos_token:  # TRL's eos_token: an existing token becomes the EOS
+        token_id = tokenizer.convert_tokens_to_ids(eos_token)
+        if token_id is None or (token_id == tokenizer.unk_token_id and eos_token != tokenizer.unk_token):
+            raise UserError(f"eos_token: {eos_token!r} is not a token of {path}'s vocabulary")
+        tokenizer.eos_token = eos_token
     return tokenizer
 
 
@@ -203,8 +208,22 @@ def apply_chat_template_file(tokenizer, path: str) -> None:
     tokenizer.chat_template = template
 
 
-def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool = True, allow_pickle: bool = False):
-    """AutoModelForCausalLM in float32 (bf16 runs use autocast over fp32 master weights); never remote code.
+def load_options(cfg) -> dict:
+    """The load-time options of a stage config (dtype, attn_implementation) for ``load_causal_lm`` / ``load_scalar_model``."""
+    return {"dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
+
+
+def _from_pretrained_options(dtype: str, attn_implementation: str) -> dict:
+    if attn_implementation == "flash_attention_2" and device().type != "cuda":
+        raise UserError("attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa or eager here")
+    options = {"dtype": {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[dtype]}
+    return {**options, "attn_implementation": attn_implementation} if attn_implementation else options
+
+
+def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool = True, allow_pickle: bool = False,
+                   dtype: str = "float32", attn_implementation: str = ""):
+    """AutoModelForCausalLM, float32 unless ``dtype`` says otherwise (bf16 runs use autocast over fp32 master
+    weights); never remote code.
 
     A LoRA adapter folder (``merge_adapter: false``) loads its base and merges the adapter into it.
     """
@@ -212,15 +231,16 @@ def load_causal_lm(path: str, field: str = "model_name_or_path", trainable: bool
 
     base = adapter_base(path, field)
     _check_dir(base or path, field, allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(base or path, dtype=torch.float32, use_safetensors=not allow_pickle,
-                                                 trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(base or path, use_safetensors=not allow_pickle, trust_remote_code=False,
+                                                 **_from_pretrained_options(dtype, attn_implementation))
     if base is not None:
         model = _merge_adapter_folder(model, path, field)
     model = model.to(device())
     return model.train() if trainable else freeze(model)
 
 
-def load_scalar_model(path: str, field: str, trainable: bool = True, allow_pickle: bool = False):
+def load_scalar_model(path: str, field: str, trainable: bool = True, allow_pickle: bool = False,
+                      dtype: str = "float32", attn_implementation: str = ""):
     """A reward model or critic: AutoModelForSequenceClassification with num_labels=1.
 
     From a causal-LM checkpoint the trunk is reused and the scalar head `score`
@@ -234,9 +254,9 @@ def load_scalar_model(path: str, field: str, trainable: bool = True, allow_pickl
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "newly initialized score weights" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(base or path, num_labels=1, dtype=torch.float32,
-                                                                   use_safetensors=not allow_pickle,
-                                                                   trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base or path, num_labels=1, use_safetensors=not allow_pickle, trust_remote_code=False,
+            **_from_pretrained_options(dtype, attn_implementation))
     finally:
         logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
@@ -341,14 +361,14 @@ def load_policy_and_reference(cfg, need_reference: bool = True):
     separate reference is named: then the base with adapters off serves.
     """
     tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path)
-    policy = load_causal_lm(cfg.model_name_or_path, allow_pickle=cfg.allow_pickle)
+    policy = load_causal_lm(cfg.model_name_or_path, allow_pickle=cfg.allow_pickle, **load_options(cfg))
     if cfg.disable_dropout:
         disable_dropout(policy)
     policy = prepare_for_training(policy, cfg)
     ref = None
     if need_reference and (cfg.ref_model_name_or_path or not cfg.use_peft):
         ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, "ref_model_name_or_path",
-                             trainable=False, allow_pickle=cfg.allow_pickle)
+                             trainable=False, allow_pickle=cfg.allow_pickle, **load_options(cfg))
         if cfg.ref_model_name_or_path and getattr(cfg, "padding_free", False):
             check_padding_free(ref)
         ref = distributed.wrap(ref, cfg.fsdp, cfg.bf16, frozen=True)

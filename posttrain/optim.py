@@ -18,22 +18,40 @@ def build_optimizer(params: list[tuple[str, nn.Parameter]], learning_rate: float
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine / linear decay to 0."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_lr_rate: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine / linear decay to
+    ``min_lr_rate`` (0 by default; cosine_with_min_lr is cosine, named as transformers' scheduler with a floor)."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if kind == "constant":
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(1.0, progress)
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_rate + (1.0 - min_lr_rate) * decay
 
 
-def build_scheduler(optimizer, total_steps: int, warmup_ratio: float, kind: str):
-    warmup = int(round(warmup_ratio * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, kind))
+def warmup_steps_of(total_steps: int, warmup_ratio: float, warmup_steps: float = 0.0) -> int:
+    """Warm-up length: ``warmup_steps`` when > 0 (a value below 1 is a fraction of the total, as transformers
+    reads it), else ``warmup_ratio`` of the total."""
+    if warmup_steps >= 1:
+        return int(warmup_steps)
+    if warmup_steps > 0:
+        return math.ceil(warmup_steps * total_steps)
+    return int(round(warmup_ratio * total_steps))
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_ratio: float, kind: str, warmup_steps: float = 0.0,
+                    min_lr_rate: float = 0.0):
+    warmup = warmup_steps_of(total_steps, warmup_ratio, warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, kind, min_lr_rate))
+
+
+def scheduler_for(cfg, optimizer, total_steps: int):
+    """``build_scheduler`` with a stage config's schedule fields."""
+    return build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler_type, cfg.warmup_steps,
+                           cfg.min_lr_rate)
 
 
 def clip_and_step(params: list[nn.Parameter], optimizer, scheduler, max_grad_norm: float) -> torch.Tensor:

@@ -4,7 +4,9 @@ A rule reward is called on a batch: ``f(prompts, completions, **fields) ->
 list[float]``, where ``fields`` are the prompt rows' extra columns as lists
 (e.g. ``answer``). Built-ins: ``exact_match`` (the arith task's verifiable
 reward) and ``think_format`` (a bonus for a non-empty reasoning block,
-as in DeepSeek-R1's format reward). ``module:function`` names one of your own. A reward model folder scores
+as in DeepSeek-R1's format reward), and TRL's ``accuracy_reward`` and
+``think_format_reward``. ``module:function`` (or TRL's dotted
+``module.function``) names one of your own. A reward model folder scores
 prompt + completion with its scalar head, re-rendered from the raw prompt and
 the completion text with its own tokenizer exactly as RM training renders a
 row, so the score is read at the token it was trained on. Sources are weighted,
@@ -53,22 +55,42 @@ def think_format(prompts: list[str], completions: list[str], **_) -> list[float]
     return [0.5 if THINK_BLOCK.search(c) else 0.0 for c in completions]
 
 
-BUILTIN = {"exact_match": exact_match, "think_format": think_format}
+def accuracy_reward(prompts: list[str], completions: list[str], solution: list | None = None,
+                    answer: list | None = None, **_) -> list[float]:
+    """TRL's name, posttrain's exact match: 1.0 when the completion, stripped, equals the row's `solution`
+    (or, where it has none, its `answer`), else 0.0. No math parsing: `1/2` and `0.5` differ."""
+    solution, answer = solution or [None] * len(completions), answer or [None] * len(completions)
+    gold = [s if s is not None else a for s, a in zip(solution, answer)]
+    if any(g is None for g in gold):
+        row = next(i for i, g in enumerate(gold) if g is None)
+        raise ValueError(f"accuracy_reward needs a `solution` or `answer` field in every prompt row (row {row + 1} has none)")
+    return [float(c.strip() == str(g).strip()) for c, g in zip(completions, gold)]
+
+
+def think_format_reward(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """TRL's format reward: 1.0 when a completion opens with one <think>...</think> block (and holds no other
+    <think>), else 0.0."""
+    return [float(c.startswith("<think>") and c.count("<think>") == 1 and "</think>" in c) for c in completions]
+
+
+BUILTIN = {"exact_match": exact_match, "think_format": think_format, "accuracy_reward": accuracy_reward,
+           "think_format_reward": think_format_reward}
 
 
 def resolve_reward_func(name: str) -> Callable:
-    """A built-in name, or `module:function` importable from the working directory."""
+    """A built-in name, or `module:function` (or TRL's dotted `module.function`) importable from the working directory."""
     if name in BUILTIN:
         return BUILTIN[name]
-    if ":" not in name:
+    if ":" not in name and "." not in name:
         raise UserError(f"reward_funcs: unknown reward {name!r}; built-ins: {', '.join(BUILTIN)}; "
                         "or give module:function")
     return resolve_callable(name, "reward_funcs")
 
 
 def resolve_callable(name: str, field: str) -> Callable:
-    """`module:function`, imported from the working directory (for `posttrain` as for `python -m posttrain`)."""
-    module_name, _, func_name = name.partition(":")
+    """`module:function` or `package.module.function`, imported from the working directory (for `posttrain` as
+    for `python -m posttrain`)."""
+    module_name, _, func_name = name.partition(":") if ":" in name else name.rpartition(".")
     if not module_name or not func_name:
         raise UserError(f"{field}: {name!r} is not of the form module:function")
     if os.getcwd() not in sys.path:

@@ -51,7 +51,7 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> tuple
 
 
 def sampling_config(max_new_tokens: int, temperature: float, greedy: bool, top_k: int, num_return_sequences: int,
-                    pad_id: int, eos_id: int, output_scores: bool = False):
+                    pad_id: int, eos_id: int, output_scores: bool = False, top_p: float = 1.0, min_p: float = 0.0):
     """A GenerationConfig built from our own fields only.
 
     Nothing comes from the checkpoint's generation_config.json: a
@@ -59,18 +59,21 @@ def sampling_config(max_new_tokens: int, temperature: float, greedy: bool, top_k
     ... there would change the sampled distribution away from the one RL
     scores (softmax(z / temperature)). Every processor is set to its neutral
     value explicitly, so none is filled in from the model's defaults either.
+    Only ``top_k``, ``top_p`` and ``min_p``, when asked for, truncate it; as
+    in TRL, the scored distribution stays the untruncated softmax(z / T).
     """
     from transformers import GenerationConfig
 
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature,
-                                                     "top_k": top_k, "top_p": 1.0}
+                                                     "top_k": top_k, "top_p": top_p, "min_p": min_p or None}
     return GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=0, num_return_sequences=num_return_sequences,
         pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None, use_cache=True, num_beams=1,
-        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, min_p=None,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0,
         epsilon_cutoff=0.0, eta_cutoff=0.0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
         forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None, renormalize_logits=False,
-        exponential_decay_length_penalty=None, return_dict_in_generate=True, output_scores=output_scores, **sampling)
+        exponential_decay_length_penalty=None, return_dict_in_generate=True, output_scores=output_scores,
+        **{"min_p": None, **sampling})
 
 
 @contextlib.contextmanager
@@ -115,7 +118,7 @@ def prefill_groups(model, ids: torch.Tensor, mask: torch.Tensor, group_size: int
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False, num_return_sequences: int = 1, top_k: int = 0,
              return_sampling_logps: bool = False, reuse_prompt_cache: bool = True,
-             cache: str = "dynamic") -> Generation:
+             cache: str = "dynamic", top_p: float = 1.0, min_p: float = 0.0) -> Generation:
     """Sample completions for a batch of prompts in one `generate` call (KV cache on).
 
     With ``num_return_sequences = G`` the G completions of a prompt are
@@ -140,7 +143,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     synced = distributed.generation_kwargs(model)
     reuse = reuse_prompt_cache and G > 1 and cache == "dynamic" and not synced and ids.shape[1] > 1
     config = sampling_config(max_new_tokens, temperature, greedy, top_k, 1 if reuse else G, pad_id, eos_id,
-                             output_scores=return_sampling_logps)
+                             output_scores=return_sampling_logps, top_p=top_p, min_p=min_p)
     if cache == "static":
         config.cache_implementation = "static"
     inputs = {"input_ids": ids, "attention_mask": mask}
@@ -190,13 +193,15 @@ class HFEngine:
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 cache: str = "dynamic"):
+                 cache: str = "dynamic", top_p: float = 1.0, min_p: float = 0.0):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_k, self.cache = max_new_tokens, temperature, top_k, cache
+        self.top_p, self.min_p = top_p, min_p
 
     def generate(self, prompt_ids: list[list[int]], num_return_sequences: int = 1) -> Generation:
         return generate(self.model, self.tokenizer, prompt_ids, self.max_new_tokens, self.temperature,
-                        num_return_sequences=num_return_sequences, top_k=self.top_k, cache=self.cache)
+                        num_return_sequences=num_return_sequences, top_k=self.top_k, cache=self.cache,
+                        top_p=self.top_p, min_p=self.min_p)
 
     def load_weights(self, model) -> None:
         """Weights are shared with ``model`` already."""
@@ -209,7 +214,7 @@ def build_engine(cfg, model, tokenizer):
             raise UserError(f"field 'generation_cache': static needs a CUDA device (this run is on "
                             f"{distributed.device().type}); use dynamic")
         return HFEngine(model, tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_k,
-                        cfg.generation_cache)
+                        cfg.generation_cache, cfg.top_p, cfg.min_p)
     from posttrain.rewards import resolve_callable
 
     return resolve_callable(cfg.rollout_engine, "rollout_engine")(cfg=cfg, model=model, tokenizer=tokenizer)

@@ -11,11 +11,14 @@ functions.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
 import random
 import shutil
 import signal
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from posttrain import checkpoint, distributed, memory, metrics
 from posttrain.config import save_config
 from posttrain.data import length_grouped_batches
 from posttrain.errors import UserError
-from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
+from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 
 
 def setup_run(cfg) -> None:
@@ -69,7 +72,7 @@ def start_output(cfg, modules: dict) -> Path | None:
     if previous and not resuming_here and not cfg.overwrite_output_dir:
         raise UserError(f"output_dir: {out} holds another run ({', '.join(previous[:4])}); resume it with "
                         "--resume_from_checkpoint latest, replace it with --overwrite_output_dir true, or choose another folder")
-    if cfg.save_steps:
+    if cfg.save_strategy == "epoch" or cfg.save_strategy == "steps" and cfg.save_steps:
         params = sum(p.numel() * p.element_size() for m in modules.values() for p in m.parameters())
         needed = 2 * 3 * params  # two checkpoints of weights and AdamW's two moments
         probe = next(p for p in [out, *out.parents] if p.exists())
@@ -153,12 +156,16 @@ class Interrupts:
         return False
 
 
-def checkpoint_or_stop(cfg, step: int, steps: int, interrupts: Interrupts, logger, save: Callable[[], Path]) -> None:
-    """After an optimizer step: on a signal, save and stop; else save every save_steps (the final model is saved apart)."""
+def checkpoint_or_stop(cfg, step: int, steps: int, interrupts: Interrupts, logger, save: Callable[[], Path],
+                       epoch_end: bool = False) -> None:
+    """After an optimizer step: on a signal, save and stop; else save as save_strategy says (every save_steps,
+    or at the end of each epoch; the final model is saved apart)."""
     if interrupts.requested():
         logger.close()
         raise interrupts.stop(save() if step < steps else None)
-    if cfg.save_steps and step % cfg.save_steps == 0 and step < steps:
+    due = cfg.save_strategy == "epoch" and epoch_end or \
+        cfg.save_strategy == "steps" and cfg.save_steps and step % cfg.save_steps == 0
+    if due and step < steps:
         save()
 
 
@@ -179,7 +186,27 @@ def autocast(enabled: bool):
     """bf16 autocast over fp32 weights on this process's device; a no-op context when disabled."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(distributed.device().type, dtype=torch.bfloat16)
+    kind = distributed.device().type
+    if kind == "cpu":
+        warn_slow_cpu_bf16()
+    return torch.autocast(kind, dtype=torch.bfloat16)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+
+
+@functools.cache
+def warn_slow_cpu_bf16() -> None:
+    """Once per process: bf16 on a CPU without native bf16 instructions is emulated, far slower than fp32."""
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        print("posttrain: warning: bf16 autocast on this CPU (no avx512_bf16 / amx_bf16) is much slower than fp32; "
+              "drop --bf16 here", file=sys.stderr)
 
 
 def trainable_parameters(*models) -> list[tuple[str, torch.nn.Parameter]]:
@@ -265,7 +292,7 @@ def fit(
         raise UserError(f"dataset_name: {cfg.dataset_name}: no training rows left to train on "
                         f"({len(lengths)} rows for {distributed.world_size()} ranks)")
     steps = total_steps(cfg, micro_per_epoch)
-    scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
+    scheduler = scheduler_for(cfg, optimizer, steps)
 
     # claim output_dir, then resume: modules, optimizer, schedule, RNG, the data position and the logging window
     saved = resume(cfg, {"model": model}, optimizer, scheduler)
@@ -318,7 +345,7 @@ def fit(
                                                "learning_rate": lr, **extra})
                 elif extra:  # an eval step between two log lines: a line of its own
                     logger.log(step, extra)
-                checkpoint_or_stop(cfg, step, steps, interrupts, logger, save)
+                checkpoint_or_stop(cfg, step, steps, interrupts, logger, save, epoch_end=micro >= len(batches))
             if micro >= len(batches):
                 epoch, micro = epoch + 1, 0
     logger.close()
@@ -349,7 +376,7 @@ def finish(cfg, model, tokenizer, record: dict, title: str, extra: dict | None =
                                merge_adapter=cfg.merge_adapter, copy_base=cfg.model_name_or_path == "tiny")
     metrics.plot_metrics(cfg.output_dir, title)
     summary = {"wall_s": record.get("wall_s"), "peak_rss_mb": round(metrics.peak_rss_mb(), 1),
-               "final": record, **(extra or {})}
+               "final": record, **({"run_name": cfg.run_name} if cfg.run_name else {}), **(extra or {})}
     metrics.write_summary(cfg.output_dir, summary)
     if distributed.is_main():
         modelcard.write_model_card(cfg, summary, title)
@@ -389,6 +416,13 @@ class PromptStream:
         return self.position >= len(self._order())
 
 
+def completion_samples(cfg, prompts: list[str], completions: list[str], scores: torch.Tensor) -> list[dict] | None:
+    """A rollout's rows for completions.jsonl (log_completions; TRL's option of that name), else None."""
+    if not cfg.log_completions:
+        return None
+    return [{"prompt": p, "completion": c, "reward": float(r)} for p, c, r in zip(prompts, completions, scores.tolist())]
+
+
 def rl_total_steps(cfg, num_prompts: int) -> int:
     """Rollout batches of the run: max_steps, else epochs over the prompts (global batches)."""
     if cfg.max_steps > 0:
@@ -404,7 +438,9 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
 
     ``rl_step(prompt_indices, window, state)`` does one rollout and its updates,
     adding stats to ``window``; ``state`` holds the recipe's own scalars (e.g.
-    PPO's adaptive kl_coef), logged and saved in every checkpoint. Resume
+    PPO's adaptive kl_coef), logged and saved in every checkpoint. It returns
+    the rollout's ``completion_samples`` (None unless log_completions), written
+    to completions.jsonl at each logging step. Resume
     restores modules, optimizer, schedule, RNG, state and the prompt position.
     Returns the last log record with ``wall_s``.
     """
@@ -426,12 +462,15 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
 
     with Interrupts() as interrupts, logger:  # the logger closes on an error too
         while step < steps:
-            rl_step(distributed.rank_share(stream.next()), window, state)
+            samples = rl_step(distributed.rank_share(stream.next()), window, state)
             scheduler.step()
             step += 1
             logger.advance()
             extra = probe() if probe and eval_due(cfg, step, steps, stream.epoch_done()) else {}
             if step % cfg.logging_steps == 0 or step == steps:
+                if samples and distributed.is_main():
+                    with (Path(cfg.output_dir) / "completions.jsonl").open("a") as handle:
+                        handle.writelines(json.dumps({"step": step, **row}) + "\n" for row in samples)
                 record = logger.log(step, {**window.pop(), **state, "learning_rate": scheduler.get_last_lr()[0],
                                            **extra})
             elif extra:  # an eval step between two log lines: a line of its own

@@ -39,6 +39,8 @@ RANGES = {
     "critic_learning_rate": (0, False, None, None),
     "weight_decay": (0, False, None, None),
     "warmup_ratio": (0, False, 1, True),
+    "warmup_steps": (0, False, None, None),
+    "min_lr_rate": (0, False, 1, False),
     "per_device_train_batch_size": (1, False, None, None),
     "gradient_accumulation_steps": (1, False, None, None),
     "num_train_epochs": (0, True, None, None),
@@ -64,7 +66,10 @@ RANGES = {
     "center_rewards_coefficient": (0, False, None, None),
     "temperature": (0, True, None, None),
     "top_k": (0, False, None, None),
-    "max_completion_length": (1, False, None, None),
+    "max_completion_length": {"ppo": (1, False, None, None), "grpo": (1, False, None, None), "dpo": (0, False, None, None)},
+    "top_p": (0, True, 1, False),
+    "min_p": (0, False, 1, True),
+    "repetition_penalty": (1, False, 1, False),  # other values: sampled != scored
     "kl_coef": (0, False, None, None),
     "target_kl_coef": (0, False, None, None),
     "kl_horizon": (1, False, None, None),
@@ -87,7 +92,10 @@ RANGES = {
 # numeric fields whose rule is not one interval (they have strategies of their own below)
 SPECIAL = {"max_steps", "max_prompt_length", "tiny_hidden_size"}
 CHOICES = {
-    "lr_scheduler_type": {"cosine", "linear", "constant"},
+    "lr_scheduler_type": {"cosine", "linear", "constant", "cosine_with_min_lr"},
+    "save_strategy": {"steps", "epoch", "no"},
+    "dtype": {"float32", "bfloat16", "auto"},
+    "attn_implementation": {"", "sdpa", "eager", "flash_attention_2"},
     "logps_normalization": {"", "sum", "mean"},
     "kl_estimator": {"k1", "k2", "k3"},
     "critic": {"separate", "shared"},
@@ -439,7 +447,7 @@ def _reject(workspace, stage: str, *args, yaml_text: str | bytes | None = None, 
 
 @pytest.mark.parametrize("stage,args,expected", [
     ("sft", ["--learning", "1e-3"], "--learning: unknown field for posttrain sft; did you mean --learning_rate?"),
-    ("ppo", ["--cliprange", "0.3"], "--cliprange: unknown field for posttrain ppo; did you mean --cliprange_value?"),
+    ("ppo", ["--cliprange_val", "0.3"], "--cliprange_val: unknown field for posttrain ppo; did you mean --cliprange_value?"),
     ("sft", ["--learnig_rate", "1e-3"], "--learnig_rate: unknown field for posttrain sft; did you mean --learning_rate?"),
     ("sft", ["--learnig_rate=1e-3"], "--learnig_rate: unknown field for posttrain sft; did you mean --learning_rate?"),
     ("dpo", ["--conf", "x.yaml"], "--conf: unknown field for posttrain dpo; did you mean --config?"),

@@ -131,7 +131,7 @@ def test_unknown_flag():
         load_config("sft", None, {**DATA, "learnig_rate": "1"})
 
 
-@pytest.mark.parametrize("argv,field", [(["--learning", "1e-3"], "learning_rate"), (["--cliprange", "0.3"], "cliprange_value"),
+@pytest.mark.parametrize("argv,field", [(["--learning", "1e-3"], "learning_rate"), (["--cliprange_val", "0.3"], "cliprange_value"),
                                         (["--max_step", "3"], "max_steps")])
 def test_prefix_abbreviations_are_not_fields(argv, field, capsys):
     # argparse would read a unique prefix as the field (`--learning` -> learning_rate): that is switched off

@@ -57,7 +57,7 @@ def test_think_format_by_hand():
 
 
 def test_builtins_resolve_by_name():
-    assert set(BUILTIN) == {"exact_match", "think_format"}
+    assert set(BUILTIN) == {"exact_match", "think_format", "accuracy_reward", "think_format_reward"}
     assert resolve_reward_func("exact_match") is exact_match
     assert resolve_reward_func("think_format") is think_format
 

@@ -89,7 +89,7 @@ def main(cfg) -> None:
     tokenizer, policy, ref = load_policy_and_reference(cfg)
 
     # 2. tokenise the pairs
-    pairs = preference_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    pairs = preference_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length)
     lengths = [max(len(p.chosen.prompt_ids) + len(p.chosen.completion_ids),
                    len(p.rejected.prompt_ids) + len(p.rejected.completion_ids)) for p in pairs]
 

@@ -36,10 +36,19 @@ from posttrain.losses import (
     ppo_token_losses,
 )
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
-from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
+from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 from posttrain.rewards import RewardSources, check_required_fields
 from posttrain.rollout import GroupRollout, build_engine
-from posttrain.training import StatsWindow, autocast, finish, rl_total_steps, run_rl, setup_run, trainable_parameters
+from posttrain.training import (
+    StatsWindow,
+    autocast,
+    completion_samples,
+    finish,
+    rl_total_steps,
+    run_rl,
+    setup_run,
+    trainable_parameters,
+)
 
 
 def group_filter(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -66,6 +75,9 @@ def make_rollout(cfg, engine, policy, ref, rewards, prompts) -> tuple[GroupRollo
     stats = {"reward": scores.mean(), "reward_std": scores.view(-1, G).std(1).mean(),
              "frac_reward_zero_std": 1 - keep.float().mean(), "completion_length": mask.sum(-1).mean(),
              "truncated_ratio": gen.truncated.float().mean(), **{k: v.mean() for k, v in parts.items()}}
+    samples = completion_samples(cfg, texts, gen.completions, scores)
+    if samples:
+        stats["samples"] = samples
     if cfg.mask_truncated_completions:
         mask = mask * (~gen.truncated).float().unsqueeze(1).to(mask.device)
     # filtered groups stay in the batch with no tokens that count, so every rank runs the same micro-batches
@@ -144,17 +156,19 @@ def main(cfg) -> None:
     params = [p for _, p in trainable_parameters(policy)]
     optimizer = build_optimizer(trainable_parameters(policy), cfg.learning_rate, cfg.weight_decay)
     steps = rl_total_steps(cfg, len(prompts))
-    scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
+    scheduler = scheduler_for(cfg, optimizer, steps)
 
     probe = rl_evaluation(cfg, policy, tokenizer, rewards)  # held-out mean reward and greedy accuracy
     engine = build_engine(cfg, policy, tokenizer)
 
     def rl_step(indices, window, state):  # steps 1-4 of the module docstring, once per rollout batch
         rollout, stats = make_rollout(cfg, engine, policy, ref, rewards, [prompts[i] for i in indices])
+        samples = stats.pop("samples", None)
         window.add(stats)
         if rollout is not None:  # every group filtered out: no signal, no update
             update(cfg, policy, rollout, optimizer, params, window)
             engine.load_weights(policy)
+        return samples
 
     record = run_rl(cfg, "grpo", steps, len(prompts), {"policy": policy}, optimizer, scheduler, rl_step, probe)
     copies = {"policy": 1, "reference": int(ref is not None), "reward_model": len(rewards.models)}

@@ -42,16 +42,26 @@ from posttrain.losses import (
 )
 from posttrain.models import (
     disable_dropout,
+    load_options,
     load_policy_and_reference,
     load_scalar_model,
     reference_mode,
     token_logps,
     token_values,
 )
-from posttrain.optim import build_optimizer, build_scheduler, clip_and_step
+from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 from posttrain.rewards import RewardSources, check_required_fields
 from posttrain.rollout import Rollout, build_engine
-from posttrain.training import StatsWindow, autocast, finish, rl_total_steps, run_rl, setup_run, trainable_parameters
+from posttrain.training import (
+    StatsWindow,
+    autocast,
+    completion_samples,
+    finish,
+    rl_total_steps,
+    run_rl,
+    setup_run,
+    trainable_parameters,
+)
 
 
 class ValueHead(nn.Module):
@@ -103,9 +113,7 @@ def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, 
 
     # 3. per-token reward: -β·KL everywhere, the sequence score on the last completion token
     kl = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask
-    token_rewards = -kl_coef * kl
-    last = (mask.sum(-1).long() - 1).clamp_min(0)
-    token_rewards[torch.arange(len(last)), last] += scores
+    token_rewards = shape_rewards(scores, kl, mask, kl_coef, cfg.whiten_rewards)
 
     # 4. advantages
     values = values * mask
@@ -114,11 +122,25 @@ def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, 
         advantages = whiten(advantages, mask, reduce=distributed.all_sum)  # over the global batch
     rollout = Rollout(gen.input_ids, gen.attention_mask, mask, old_logps, ref_logps, values, advantages, returns,
                       scores)
+    samples = completion_samples(cfg, [p.prompt_text for p in prompts], gen.completions, scores)
     stats = {"reward": scores.mean(), "reward_std": scores.std() if len(scores) > 1 else torch.tensor(0.0),
              "kl": masked_sum(kl, mask) / len(scores), "completion_length": mask.sum(-1).mean(),
              "non_score_reward": masked_sum(-kl_coef * kl, mask) / len(scores),
-             **{k: v.mean() for k, v in parts.items()}}
+             **{k: v.mean() for k, v in parts.items()}, **({"samples": samples} if samples else {})}
     return rollout, stats
+
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                  whiten_rewards: bool = False) -> torch.Tensor:
+    """Per-token rewards (B, T): -kl_coef·KL_t on every completion token, plus the sequence score on the last one
+    (Ziegler et al. eq. 2). ``whiten_rewards`` scales them to unit variance over the (global) batch without
+    centring them, as TRL's option of that name does."""
+    token_rewards = -kl_coef * kl
+    last = (mask.sum(-1).long() - 1).clamp_min(0)
+    token_rewards[torch.arange(len(last)), last] += scores
+    if whiten_rewards:
+        token_rewards = whiten(token_rewards, mask, shift_mean=False, reduce=distributed.all_sum)
+    return token_rewards
 
 
 def ppo_epochs(cfg, actor, critic, value_head, rollout: Rollout, optimizer, params, window: StatsWindow) -> None:
@@ -180,7 +202,7 @@ def main(cfg) -> None:
         value_head = distributed.wrap(ValueHead(actor.config.hidden_size).to(device()), cfg.fsdp, cfg.bf16)
     else:
         init = cfg.critic_model_name_or_path or cfg.reward_model_name_or_path or cfg.model_name_or_path
-        critic = load_scalar_model(init, "critic_model_name_or_path", allow_pickle=cfg.allow_pickle)
+        critic = load_scalar_model(init, "critic_model_name_or_path", allow_pickle=cfg.allow_pickle, **load_options(cfg))
         if cfg.disable_dropout:
             disable_dropout(critic)
         critic = distributed.wrap(critic, cfg.fsdp, cfg.bf16)
@@ -191,7 +213,7 @@ def main(cfg) -> None:
                                "lr": cfg.critic_learning_rate or cfg.learning_rate})
     params = actor_params + list(value_module.parameters())
     steps = rl_total_steps(cfg, len(prompts))
-    scheduler = build_scheduler(optimizer, steps, cfg.warmup_ratio, cfg.lr_scheduler_type)
+    scheduler = scheduler_for(cfg, optimizer, steps)
 
     probe = rl_evaluation(cfg, actor, tokenizer, rewards)  # held-out mean reward and greedy accuracy
     engine = build_engine(cfg, actor, tokenizer)
@@ -199,6 +221,7 @@ def main(cfg) -> None:
     def rl_step(indices, window, state):  # steps 1-5 of the module docstring, once per rollout batch
         batch = [prompts[i] for i in indices]
         rollout, stats = make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, batch, state["kl_coef"])
+        samples = stats.pop("samples", None)
         window.add(stats)
         ppo_epochs(cfg, actor, critic, value_head, rollout, optimizer, params, window)
         engine.load_weights(actor)
@@ -206,6 +229,7 @@ def main(cfg) -> None:
             kl = float(distributed.all_mean(stats["kl"]))
             state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], kl, cfg.target_kl_coef,
                                                 len(batch) * distributed.world_size(), cfg.kl_horizon)
+        return samples
 
     record = run_rl(cfg, "ppo", steps, len(prompts), {"actor": actor, "critic": value_module}, optimizer, scheduler,
                     rl_step, probe, state={"kl_coef": cfg.kl_coef})

@@ -20,7 +20,14 @@ import torch
 from posttrain.data import collate_preferences, eval_rows, preference_examples, train_rows
 from posttrain.evaluation import pair_evaluation
 from posttrain.losses import reward_model_loss
-from posttrain.models import disable_dropout, load_scalar_model, load_tokenizer, prepare_for_training, token_values
+from posttrain.models import (
+    disable_dropout,
+    load_options,
+    load_scalar_model,
+    load_tokenizer,
+    prepare_for_training,
+    token_values,
+)
 from posttrain.training import finish, fit, setup_run
 
 PAD_TOKEN = "<|pad|>"  # added only when the tokenizer's pad would otherwise be its EOS
@@ -83,8 +90,9 @@ def main(cfg) -> None:
     # 1. run set-up; the trunk comes from the policy folder, the scalar head starts at 0
     setup_run(cfg)
     train, held_out = split_pairs(cfg, train_rows(cfg))
-    tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path)
-    model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path", allow_pickle=cfg.allow_pickle)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, chat_template_path=cfg.chat_template_path, eos_token=cfg.eos_token)
+    model = load_scalar_model(cfg.model_name_or_path, "model_name_or_path", allow_pickle=cfg.allow_pickle,
+                              **load_options(cfg))
     if cfg.disable_dropout:  # chosen and rejected are scored by the same deterministic function
         disable_dropout(model)
     use_distinct_pad(model, tokenizer)

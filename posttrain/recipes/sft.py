@@ -13,7 +13,7 @@ from __future__ import annotations
 from posttrain.data import collate_examples, sft_examples, train_rows
 from posttrain.evaluation import sft_evaluation
 from posttrain.losses import masked_mean
-from posttrain.models import load_causal_lm, load_tokenizer, prepare_for_training, prepare_model, token_logps
+from posttrain.models import load_causal_lm, load_options, load_tokenizer, prepare_for_training, prepare_model, token_logps
 from posttrain.training import finish, fit, setup_run
 
 
@@ -42,8 +42,8 @@ def main(cfg) -> None:
     setup_run(cfg)
     rows = train_rows(cfg)
     model_path = prepare_model(cfg.model_name_or_path, cfg, lambda: corpus_of(rows))
-    tokenizer = load_tokenizer(model_path, chat_template_path=cfg.chat_template_path)
-    model = prepare_for_training(load_causal_lm(model_path, allow_pickle=cfg.allow_pickle), cfg)
+    tokenizer = load_tokenizer(model_path, chat_template_path=cfg.chat_template_path, eos_token=cfg.eos_token)
+    model = prepare_for_training(load_causal_lm(model_path, allow_pickle=cfg.allow_pickle, **load_options(cfg)), cfg)
 
     # 2. tokenise once; batches are collated on the fly with dynamic padding (or packed: padding_free)
     examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
