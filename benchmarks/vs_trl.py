@@ -55,7 +55,7 @@ UNITS = {"sft": "tokens/s", "rm": "pairs/s", "dpo": "pairs/s", "grpo": "completi
 # model and data shapes; lengths in tokens, drawn log-normal and clipped to [min_length, max_length]
 SHAPES = {
     "tiny": dict(hidden=256, layers=4, heads=4, intermediate=1024, vocab=2048, batch=8, max_length=128, min_length=24,
-                 median_length=64, prompts=2, generations=4, completion_length=32, steps=12, repeats=3),
+                 median_length=64, prompts=2, generations=4, completion_length=32, steps=8, repeats=3),
     "medium": dict(hidden=768, layers=8, heads=12, intermediate=2048, vocab=32000, batch=8, max_length=512, min_length=64,
                    median_length=160, prompts=2, generations=4, completion_length=64, steps=4, repeats=3),
     "smoke": dict(hidden=32, layers=2, heads=2, intermediate=64, vocab=320, batch=2, max_length=48, min_length=12,
@@ -221,7 +221,8 @@ def run_measured(command: list[str], threads: int, log: Path) -> float:
     return usage.ru_maxrss / 1024
 
 
-def posttrain_command(stage: str, spec: dict) -> list[str]:
+def posttrain_args(stage: str, spec: dict) -> dict:
+    """posttrain's flags for a run matched to TRL's (field -> value)."""
     shape = spec["shape"]
     args = {"model_name_or_path": spec["model"], "dataset_name": spec["data_posttrain"], "output_dir": spec["out"],
             "overwrite_output_dir": "true", "max_steps": spec["steps"], "learning_rate": spec["learning_rate"],
@@ -242,6 +243,11 @@ def posttrain_command(stage: str, spec: dict) -> list[str]:
         args.update(beta=DPO_BETA, loss_type="sigmoid", precompute_ref_log_probs="false")
     if spec["padding_free"]:
         args.update(padding_free="true")
+    return args
+
+
+def posttrain_command(stage: str, spec: dict) -> list[str]:
+    args = posttrain_args(stage, spec)
     return [sys.executable, "-m", "posttrain", stage] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
@@ -250,9 +256,15 @@ def posttrain_seconds(out: Path, steps: int) -> float:
     return records[steps] - records[1]
 
 
-def trl_main(spec_path: str) -> None:
-    """The TRL side, in its own process: build the stage's trainer as posttrain is configured, train, write step stamps."""
-    spec = json.loads(Path(spec_path).read_text())
+def trl_main(spec_paths: list[str]) -> None:
+    """The TRL side, in its own process: each spec's trainer, configured as posttrain is, trained in turn
+    (one spec per process when measuring; ``--smoke`` runs every stage in one process)."""
+    for spec_path in spec_paths:
+        trl_run(json.loads(Path(spec_path).read_text()))
+
+
+def trl_run(spec: dict) -> None:
+    """Build the stage's TRL trainer, train, write the step stamps."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -297,11 +309,13 @@ def trl_main(spec_path: str) -> None:
         trainer = trl.GRPOTrainer(model=spec["model"], reward_funcs=[bench_reward], args=config, train_dataset=data)
     trainer.add_callback(Stamp())
     trainer.train()
-    Path(spec["stamps"]).write_text(json.dumps(stamps))
+    # SFT's count of the non-pad tokens it trained on: the same rows tokenised the same way give posttrain's count
+    tokens = trainer._metrics["train"].get("num_tokens") if stage == "sft" else None
+    Path(spec["stamps"]).write_text(json.dumps({"stamps": stamps, "num_tokens": tokens[-1] if tokens else None}))
 
 
 def trl_seconds(stamps_path: Path, steps: int) -> float:
-    stamps = json.loads(stamps_path.read_text())
+    stamps = json.loads(stamps_path.read_text())["stamps"]
     if len(stamps) != steps:
         raise RuntimeError(f"TRL ran {len(stamps)} steps, expected {steps}")
     return stamps[-1] - stamps[0]
@@ -310,11 +324,14 @@ def trl_seconds(stamps_path: Path, steps: int) -> float:
 # ------------------------------------------------------------------ the comparison
 
 
-def compare(stage: str, shape_name: str, steps: int, repeats: int, threads: int, padding_free: bool, work: Path) -> dict:
+def prepare(stage: str, shape_name: str, steps: int, threads: int, padding_free: bool, work: Path,
+            built: tuple | None = None) -> tuple[dict, list]:
+    """Both data files in ``work`` (and the model and tokenizer, unless ``built`` holds them): the run spec and
+    the items of each of the ``steps`` batches."""
     shape = SHAPES[shape_name]
-    rng = random.Random(SEED)
-    text = TextMaker(shape, rng)
-    model_dir, tokenizer = build_model(shape, work / "model", text)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, tokenizer, text = built or build(shape_name, work)
+    rng = random.Random(f"{SEED}-{stage}")
     per_step = shape["prompts"] if stage == "grpo" else shape["batch"]
     rows = make_rows(stage, shape, steps * per_step, tokenizer, text, rng)
     batches = posttrain_order(stage, len(rows), shape)[:steps]
@@ -322,59 +339,111 @@ def compare(stage: str, shape_name: str, steps: int, repeats: int, threads: int,
     spec = {"stage": stage, "shape": shape, "steps": steps, "threads": threads, "padding_free": padding_free,
             "learning_rate": LEARNING_RATE, "model": str(model_dir),
             "data_posttrain": str(write_jsonl(work / "posttrain.jsonl", rows)),
-            "data_trl": str(write_jsonl(work / "trl.jsonl", [rows[i] for b in batches for i in b]))}
+            "data_trl": str(write_jsonl(work / "trl.jsonl", [rows[i] for b in batches for i in b])),
+            "stamps": str(work / "stamps.json")}
+    return spec, items
+
+
+def build(shape_name: str, work: Path) -> tuple[Path, object, TextMaker]:
+    shape = SHAPES[shape_name]
+    text = TextMaker(shape, random.Random(SEED))
+    model_dir, tokenizer = build_model(shape, work / "model", text)
+    return model_dir, tokenizer, text
+
+
+def run_posttrain(spec: dict, log: Path) -> tuple[float, float]:
+    """(seconds of steps 2..N, peak RSS MB) of one posttrain run."""
+    rss = run_measured(posttrain_command(spec["stage"], spec), spec["threads"], log)
+    return posttrain_seconds(Path(spec["out"]), spec["steps"]), rss
+
+
+def run_trl(specs: list[dict], work: Path, log: Path) -> tuple[list[float], float]:
+    """(seconds of steps 2..N of each spec, peak RSS MB of the process) of one TRL process."""
+    paths = []
+    for i, spec in enumerate(specs):
+        paths.append(work / f"trl-spec-{spec['stage']}-{i}.json")
+        paths[-1].write_text(json.dumps(spec))
+    rss = run_measured([sys.executable, str(Path(__file__).resolve()), "--trl-child", *map(str, paths)],
+                       specs[0]["threads"], log)
+    return [trl_seconds(Path(spec["stamps"]), spec["steps"]) for spec in specs], rss
+
+
+def trl_tokens(spec: dict) -> float | None:
+    """The non-pad tokens TRL's SFTTrainer counted over the whole (last) run."""
+    return json.loads(Path(spec["stamps"]).read_text())["num_tokens"]
+
+
+def summarise(spec: dict, items: list, shape_name: str, repeats: int, results: dict) -> dict:
+    stage, shape = spec["stage"], spec["shape"]
     timed_items = sum(items[1:])  # steps 2..N
-    results: dict = {"posttrain": [], "trl": []}
-    for repeat in range(repeats):
-        for side in ("posttrain", "trl"):  # A B A B ...
-            out = work / f"{side}-{repeat}"
-            run_spec = dict(spec, out=str(out), stamps=str(work / f"stamps-{repeat}.json"))
-            if side == "posttrain":
-                rss = run_measured(posttrain_command(stage, run_spec), threads, work / f"{side}-{repeat}.log")
-                seconds = posttrain_seconds(out, steps)
-            else:
-                spec_path = work / f"trl-spec-{repeat}.json"
-                spec_path.write_text(json.dumps(run_spec))
-                rss = run_measured([sys.executable, str(Path(__file__).resolve()), "--trl-child", str(spec_path)],
-                                   threads, work / f"{side}-{repeat}.log")
-                seconds = trl_seconds(Path(run_spec["stamps"]), steps)
-            results[side].append({"seconds": round(seconds, 4), "items_per_s": round(timed_items / seconds, 3),
-                                  "peak_rss_mb": round(rss, 1)})
-    summary = {side: {"items_per_s": statistics.median(r["items_per_s"] for r in runs),
-                      "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs), "runs": runs}
-               for side, runs in results.items()}
-    return {"stage": stage, "shape": shape_name, "unit": UNITS[stage], "steps": steps, "timed_steps": steps - 1,
-            "repeats": repeats, "threads": threads, "padding_free": padding_free, "items_per_step": items,
+    runs = {side: [{"seconds": round(sec, 4), "items_per_s": round(timed_items / sec, 3), "peak_rss_mb": round(rss, 1)}
+                   for sec, rss in pairs] for side, pairs in results.items()}
+    summary = {side: {"items_per_s": statistics.median(r["items_per_s"] for r in rs),
+                      "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs), "runs": rs}
+               for side, rs in runs.items()}
+    return {"stage": stage, "shape": shape_name, "unit": UNITS[stage], "steps": spec["steps"],
+            "timed_steps": spec["steps"] - 1, "repeats": repeats, "threads": spec["threads"],
+            "padding_free": spec["padding_free"], "items_per_step": items, "trl_num_tokens": trl_tokens(spec),
             "model": {k: shape[k] for k in ("hidden", "layers", "heads", "intermediate", "vocab")},
+            "batch": {"rows": shape["batch"], "max_length": shape["max_length"]} if stage != "grpo" else
+            {"prompts": shape["prompts"], "num_generations": shape["generations"],
+             "max_completion_length": shape["completion_length"]},
             **summary,
             "ratio": {"throughput": round(summary["posttrain"]["items_per_s"] / summary["trl"]["items_per_s"], 3),
                       "peak_rss": round(summary["posttrain"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"], 3)}}
 
 
+def compare(stage: str, shape_name: str, steps: int, repeats: int, threads: int, padding_free: bool, work: Path) -> dict:
+    """``repeats`` runs of each side, alternating A B A B, each in a fresh process."""
+    spec, items = prepare(stage, shape_name, steps, threads, padding_free, work)
+    results: dict = {"posttrain": [], "trl": []}
+    for repeat in range(repeats):
+        run_spec = dict(spec, out=str(work / f"out-{repeat}"))
+        results["posttrain"].append(run_posttrain(run_spec, work / f"posttrain-{repeat}.log"))
+        seconds, rss = run_trl([run_spec], work, work / f"trl-{repeat}.log")
+        results["trl"].append((seconds[0], rss))
+    return summarise(spec, items, shape_name, repeats, results)
+
+
+def smoke(stages: list[str], threads: int, padding_free: bool, work: Path) -> dict:
+    """Both sides still run every stage: one model, 2 steps, one posttrain process per stage, one TRL process
+    for all of them (so TRL's peak RSS there is that process's, not one stage's)."""
+    built = build("smoke", work)
+    prepared = {s: prepare(s, "smoke", SHAPES["smoke"]["steps"], threads, padding_free, work / s, built) for s in stages}
+    specs = {s: dict(spec, out=str(work / s / "out")) for s, (spec, _) in prepared.items()}
+    posttrain = {s: run_posttrain(spec, work / s / "posttrain.log") for s, spec in specs.items()}
+    seconds, rss = run_trl(list(specs.values()), work, work / "trl.log")
+    return {s: {**summarise(specs[s], prepared[s][1], "smoke", 1, {"posttrain": [posttrain[s]], "trl": [(sec, rss)]}),
+                "smoke": True} for s, sec in zip(stages, seconds)}
+
+
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--trl-child":
-        trl_main(sys.argv[2])
+    if len(sys.argv) >= 3 and sys.argv[1] == "--trl-child":
+        trl_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", nargs="+", choices=STAGES, help="one stage, or several (then one JSON object keyed by stage)")
     parser.add_argument("--shape", choices=("tiny", "medium"), default="tiny")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run, >= 2 (0: the shape's default)")
     parser.add_argument("--repeats", type=int, default=0, help="runs of each side (0: the shape's default)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and torch threads of both sides")
     parser.add_argument("--padding_free", action="store_true", help="padding_free: true on both sides")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 steps, 1 run per side: both sides still run")
+    parser.add_argument("--smoke", action="store_true", help="a very small model, 2 steps, 1 run per side: both sides still run")
     parser.add_argument("--output", default="", help="also write the JSON object to this file")
     parser.add_argument("--workdir", default="", help="keep models, data and logs here (default: a temporary folder)")
     args = parser.parse_args()
-    shape = "smoke" if args.smoke else args.shape
-    steps = args.steps or SHAPES[shape]["steps"]
-    repeats = args.repeats or SHAPES[shape]["repeats"]
+    steps = args.steps or SHAPES[args.shape]["steps"]
+    repeats = args.repeats or SHAPES[args.shape]["repeats"]
     if steps < 2:
         parser.error("--steps must be >= 2 (the first step is not timed)")
     with tempfile.TemporaryDirectory(prefix="vs-trl-") as tmp:
         work = Path(args.workdir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        result = compare(args.stage, shape, steps, repeats, args.threads, args.padding_free, work)
+        if args.smoke:
+            result = smoke(args.stage, args.threads, args.padding_free, work)
+        else:
+            result = {s: compare(s, args.shape, steps, repeats, args.threads, args.padding_free, work / s) for s in args.stage}
+        if len(args.stage) == 1:
+            result = result[args.stage[0]]
     text = json.dumps(result, indent=1)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
