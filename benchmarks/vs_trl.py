@@ -112,7 +112,7 @@ def build_model(shape: dict, out: Path, text: TextMaker) -> tuple[Path, object]:
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=shape["vocab"], special_tokens=[PAD, EOS, IM_START],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [text.sentence(40) for _ in range(4000)] + text.words + ["user", "assistant", "system"]
+    corpus = [text.sentence(40) for _ in range(2000)] + text.words + ["user", "assistant", "system"]
     core.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD,
                                         additional_special_tokens=[IM_START], clean_up_tokenization_spaces=False,
@@ -393,9 +393,10 @@ def summarise(spec: dict, items: list, shape_name: str, repeats: int, results: d
                       "peak_rss": round(summary["posttrain"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"], 3)}}
 
 
-def compare(stage: str, shape_name: str, steps: int, repeats: int, threads: int, padding_free: bool, work: Path) -> dict:
+def compare(stage: str, shape_name: str, steps: int, repeats: int, threads: int, padding_free: bool, work: Path,
+            built: tuple | None = None) -> dict:
     """``repeats`` runs of each side, alternating A B A B, each in a fresh process."""
-    spec, items = prepare(stage, shape_name, steps, threads, padding_free, work)
+    spec, items = prepare(stage, shape_name, steps, threads, padding_free, work, built)
     results: dict = {"posttrain": [], "trl": []}
     for repeat in range(repeats):
         run_spec = dict(spec, out=str(work / f"out-{repeat}"))
@@ -441,7 +442,13 @@ def main() -> None:
         if args.smoke:
             result = smoke(args.stage, args.threads, args.padding_free, work)
         else:
-            result = {s: compare(s, args.shape, steps, repeats, args.threads, args.padding_free, work / s) for s in args.stage}
+            built = build(args.shape, work)  # one model for every stage of the shape
+            result = {}
+            for stage in args.stage:
+                result[stage] = compare(stage, args.shape, steps, repeats, args.threads, args.padding_free, work / stage, built)
+                if args.output:  # what is done so far survives an interrupted run
+                    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
         if len(args.stage) == 1:
             result = result[args.stage[0]]
     text = json.dumps(result, indent=1)
