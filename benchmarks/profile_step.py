@@ -81,8 +81,16 @@ def instrument(stage: str, state: dict) -> None:
 
     def fit(cfg, model, lengths, make_batch, *args, **kwargs):
         class Timed:
+            """The host batch, whose move to the device is timed as data."""
+
             def __init__(self, batch):
                 self.batch = batch
+
+            def __getattr__(self, name):
+                return getattr(self.batch, name)
+
+            def __len__(self):
+                return len(self.batch)
 
             def to(self, device):
                 with record_function("phase::data"):

@@ -310,8 +310,8 @@ def trl_run(spec: dict) -> None:
     trainer.add_callback(Stamp())
     trainer.train()
     # SFT's count of the non-pad tokens it trained on: the same rows tokenised the same way give posttrain's count
-    tokens = trainer._metrics["train"].get("num_tokens") if stage == "sft" else None
-    Path(spec["stamps"]).write_text(json.dumps({"stamps": stamps, "num_tokens": tokens[-1] if tokens else None}))
+    tokens = getattr(trainer, "_total_train_tokens", None) if stage == "sft" else None
+    Path(spec["stamps"]).write_text(json.dumps({"stamps": stamps, "num_tokens": None if tokens is None else float(tokens)}))
 
 
 def trl_seconds(stamps_path: Path, steps: int) -> float:
