@@ -28,6 +28,7 @@ the step's wall time:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's posttrain, not another installed one
 
 import vs_trl  # noqa: E402
 
@@ -151,7 +153,8 @@ def profile(stage: str, shape: str, threads: int, work: Path) -> dict:
             prof.stop()
     metrics.MetricsLogger.advance = advance
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # the GRPO reward vs_trl:bench_reward
-    importlib.import_module(f"posttrain.recipes.{stage}").main(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # the recipe's own report; stdout is the JSON only
+        importlib.import_module(f"posttrain.recipes.{stage}").main(cfg)
     step_us = (marks["end"] - marks["start"]) * 1e6
     totals = dict.fromkeys(PHASES, 0.0)
     aten = 0.0

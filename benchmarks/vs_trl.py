@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's posttrain, not another installed one
 STAGES = ("sft", "rm", "dpo", "grpo")
 UNITS = {"sft": "tokens/s", "rm": "pairs/s", "dpo": "pairs/s", "grpo": "completions/s"}
 
