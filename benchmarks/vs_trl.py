@@ -377,7 +377,7 @@ def trl_tokens(spec: dict) -> float | None:
 def summarise(spec: dict, items: list, shape_name: str, repeats: int, results: dict) -> dict:
     stage, shape = spec["stage"], spec["shape"]
     timed_items = sum(items[1:])  # steps 2..N
-    runs = {side: [{"seconds": round(sec, 4), "items_per_s": round(timed_items / sec, 3), "peak_rss_mb": round(rss, 1)}
+    runs = {side: [{"seconds": round(sec, 6), "items_per_s": round(timed_items / sec, 3), "peak_rss_mb": round(rss, 1)}
                    for sec, rss in pairs] for side, pairs in results.items()}
     summary = {side: {"items_per_s": statistics.median(r["items_per_s"] for r in rs),
                       "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs), "runs": rs}
