@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# posttrain against TRL (benchmarks/vs_trl.py): every stage, both shapes, JSON in runs/bench/ (long: hours on a 2-core CPU)
+BENCH_THREADS ?= 1
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	mkdir -p runs/bench
+	for shape in tiny medium; do for stage in sft rm dpo grpo; do \
+		$(BIN)/python benchmarks/vs_trl.py $$stage --shape $$shape --threads $(BENCH_THREADS) \
+			--output runs/bench/$$stage-$$shape.json || exit 1; \
+	done; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check posttrain tests benchmarks

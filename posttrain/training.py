@@ -317,9 +317,10 @@ def fit(
             batches = epoch_batches(epoch)
             while micro < len(batches) and step < steps:
                 # one optimizer step = `accum` global micro-batches (fewer at the end of an epoch)
-                made = [make_batch(distributed.rank_share(indices)).to(distributed.device())
-                        for indices in batches[micro:micro + accum]]
-                weights = [float(batch_weight(b)) if batch_weight else float(len(b)) for b in made]
+                host = [make_batch(distributed.rank_share(indices)) for indices in batches[micro:micro + accum]]
+                # weights are read from the host batches before they move: no device sync per micro-batch
+                weights = [float(batch_weight(b)) if batch_weight else float(len(b)) for b in host]
+                made = [b.to(distributed.device()) for b in host]
                 # each micro-batch weighs its share of the whole step's rows (or tokens) over every rank; the
                 # all-reduce of gradients averages over ranks, which the world size undoes
                 scale = distributed.world_size() / float(distributed.all_sum(torch.tensor(sum(weights))))

@@ -54,3 +54,47 @@ def test_rollout_benchmark_prints_json():
     tiny = json.loads(done.stdout)["tiny"]
     assert 0 < tiny["grpo"]["generation_share"] < 1 and 0 < tiny["ppo"]["generation_share"] < 1
     assert set(tiny["completions_per_s"]) == {"posttrain", "posttrain_no_group_cache", "model_generate", "naive_loop"}
+
+
+def test_vs_trl_smoke_runs_both_sides_of_every_stage(tmp_path):
+    """posttrain and TRL each train every stage on the same rows: throughputs and ratios are consistent, and TRL's
+    own count of SFT tokens equals the count posttrain's tokenisation gives (so both saw the same data)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("trl") is not None, "TRL is part of the test extra (pip install -e .[test])"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vs_trl.py"), "sft", "rm", "dpo", "grpo", "--smoke",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    assert set(results) == {"sft", "rm", "dpo", "grpo"}
+    for stage, result in results.items():
+        assert result["steps"] == 2 and result["timed_steps"] == 1
+        for side in ("posttrain", "trl"):
+            assert result[side]["items_per_s"] > 0 and result[side]["peak_rss_mb"] > 100, (stage, side)
+        timed = sum(result["items_per_step"][1:])
+        for side in ("posttrain", "trl"):
+            run = result[side]["runs"][0]
+            assert abs(run["items_per_s"] - timed / run["seconds"]) <= 1e-3 * run["items_per_s"] + 1e-3
+        expected = result["posttrain"]["items_per_s"] / result["trl"]["items_per_s"]
+        assert abs(result["ratio"]["throughput"] - expected) <= 1e-3 * expected + 1e-3
+    assert results["rm"]["items_per_step"] == results["dpo"]["items_per_step"] == [2.0, 2.0]  # pairs per batch
+    assert results["grpo"]["items_per_step"] == [2.0, 2.0]  # 1 prompt x 2 completions
+    assert results["sft"]["trl_num_tokens"] == sum(results["sft"]["items_per_step"])
+    # posttrain logged every step of every stage
+    for stage in results:
+        steps = [json.loads(line)["step"] for line in (tmp_path / stage / "out" / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2]
+
+
+def test_profile_step_shares_cover_the_step():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "sft", "--shape", "smoke"],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    shares = result["shares"]
+    assert abs(sum(shares.values()) - 1) < 0.02 and all(v >= 0 for v in shares.values())
+    # an SFT step is forward, log-probs, backward and the optimizer; it generates nothing and has no reward
+    assert shares["forward"] > 0 and shares["backward"] > 0 and shares["optimizer"] > 0 and shares["logprobs"] > 0
+    assert shares["generation"] == shares["rewards"] == shares["forward_no_grad"] == 0
