@@ -427,7 +427,7 @@ def chunkable_head(model) -> nn.Linear | None:
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
                 return_entropy: bool = False, return_hidden: bool = False, entropy_grad: bool = False,
-                temperature: float = 1.0, position_ids: torch.Tensor | None = None):
+                temperature: float = 1.0, position_ids: torch.Tensor | None = None, score_mask: torch.Tensor | None = None):
     """Log-probability of each next token under ``model``, at sampling temperature ``temperature``.
 
     Returns (B, L-1) where position t scores input_ids[:, t+1]; with
@@ -439,6 +439,9 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     unless ``entropy_grad``); ``return_hidden`` adds the last hidden states
     (B, L, H) for a value head on the same trunk. ``position_ids`` replaces the
     positions derived from the mask (packed rows restart at 0; the mask may then be None).
+    ``score_mask`` (B, L-1), where given, names the positions a loss reads (SFT's
+    completion tokens, DPO's response tokens): the head runs on those alone and
+    every other position is 0, so prompt and padding cost no LM-head work.
 
     The (B, K, V) logits are never held: the forward runs through the root
     module (where DDP hooks in) with the head applied to no position, and
@@ -452,8 +455,14 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     targets = input_ids[:, 1:] if not logits_to_keep else input_ids[:, -logits_to_keep:]
     head = chunkable_head(model)
     if head is None:
-        return _logps_from_logits(model, input_ids, attention_mask, position_ids, targets, logits_to_keep,
-                                  return_entropy, return_hidden, entropy_grad, temperature)
+        out = _logps_from_logits(model, input_ids, attention_mask, position_ids, targets, logits_to_keep,
+                                 return_entropy, return_hidden, entropy_grad, temperature)
+        if score_mask is None:
+            return out
+        parts = list(out) if isinstance(out, tuple) else [out]
+        scored_parts = 1 + return_entropy  # the hidden states, if returned, stay whole
+        parts[:scored_parts] = [p.masked_fill(~score_mask.bool(), 0.0) for p in parts[:scored_parts]]
+        return parts[0] if len(parts) == 1 else tuple(parts)
     captured = []
     trunk = unwrap_peft(model).base_model
     hook = trunk.register_forward_hook(lambda module, args, output: captured.append(output[0]))
@@ -464,12 +473,22 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
         hook.remove()
     last_hidden = captured[-1]  # (B, L, H), after the final norm: what the head reads
     scored = last_hidden[:, :-1] if not logits_to_keep else last_hidden[:, -(logits_to_keep + 1):-1]
-    out = chunked_head_logps(scored, head.weight, head.bias, targets, temperature, return_entropy=return_entropy,
+    where = None if score_mask is None else score_mask.bool()
+    out = chunked_head_logps(scored if where is None else scored[where], head.weight, head.bias,
+                             targets if where is None else targets[where], temperature, return_entropy=return_entropy,
                              entropy_grad=entropy_grad and torch.is_grad_enabled())
     result = list(out) if return_entropy else [out]
+    if where is not None:  # back to (B, K) with zeros where nothing is scored
+        result = [_scatter_scored(values, where) for values in result]
     if return_hidden:
         result.append(last_hidden)
     return result[0] if len(result) == 1 else tuple(result)
+
+
+def _scatter_scored(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    full = values.new_zeros(where.shape)
+    full[where] = values
+    return full
 
 
 def _logps_from_logits(model, input_ids, attention_mask, position_ids, targets, logits_to_keep, return_entropy,

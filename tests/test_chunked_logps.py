@@ -264,3 +264,31 @@ def test_soft_capped_logits_fall_back_to_the_model_logits():
     logits = model(input_ids=ids, attention_mask=mask, position_ids=M.position_ids_from_mask(mask)).logits[:, :-1]
     assert logits.abs().max() <= 0.5  # capped
     assert_close(logps, (logits / 0.8).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_score_mask_scores_only_the_masked_positions(tiny_qwen, chunked, monkeypatch):
+    """With score_mask the masked positions equal the unmasked call (values and gradients); the rest are 0."""
+    from posttrain import models
+
+    model = models.load_causal_lm(str(tiny_qwen))
+    if not chunked:
+        monkeypatch.setattr(models, "chunkable_head", lambda model: None)
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 9))
+    attn = torch.ones_like(ids)
+    attn[1, :2] = 0
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    mask[0, 3:] = 1
+    mask[1, 5:7] = 1
+    mask[2, -1] = 1
+    full = models.token_logps(model, ids, attn)
+    (full * mask).sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    part = models.token_logps(model, ids, attn, score_mask=mask)
+    part.sum().backward()
+    assert torch.equal(part[mask == 0], torch.zeros(int((mask == 0).sum())))
+    torch.testing.assert_close(part[mask == 1], full.detach()[mask == 1], atol=1e-6, rtol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, want[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -33,7 +33,8 @@ def pair_logps(model, batch, normalization: str) -> tuple[torch.Tensor, torch.Te
     Returns (chosen (B,), rejected (B,), token log-probs (2B, L-1), or (1, N-1) when packed).
     """
     tokens = batch.tokens
-    logps = token_logps(model, tokens.input_ids, tokens.attention_mask, position_ids=tokens.position_ids)
+    logps = token_logps(model, tokens.input_ids, tokens.attention_mask, position_ids=tokens.position_ids,
+                        score_mask=tokens.loss_mask)  # the head runs on response tokens only
     seq = tokens.sequence_logps(logps, normalization)  # (2B,)
     half = seq.shape[0] // 2
     return seq[:half], seq[half:], logps

@@ -32,7 +32,8 @@ def corpus_of(rows) -> list[str]:
 
 def sft_loss(model, batch):
     """Mean NLL of the response tokens. Returns (loss, stats)."""
-    logps = token_logps(model, batch.input_ids, batch.attention_mask, position_ids=batch.position_ids)  # (B, L-1); packed (1, N-1)
+    # (B, L-1), packed (1, N-1); the LM head runs on the loss's tokens only
+    logps = token_logps(model, batch.input_ids, batch.attention_mask, position_ids=batch.position_ids, score_mask=batch.loss_mask)
     loss = -masked_mean(logps, batch.loss_mask)
     return loss, {"num_tokens": batch.loss_mask.sum()}
 
