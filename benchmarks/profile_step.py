@@ -12,8 +12,9 @@ the step's wall time:
 
 - ``forward`` / ``forward_no_grad``: model forwards with and without autograd
   (the reference and rollout-scoring passes are the no-grad ones)
-- ``logprobs``: ``selective_log_softmax`` and ``entropy_from_logits`` on the
-  logits (the forward part; their backward is in ``backward``)
+- ``logprobs``: the chunked LM head (``chunked_head_logps``: head, log-softmax
+  and entropy), or ``selective_log_softmax`` and ``entropy_from_logits`` on the
+  logits where a model falls back to them (the forward part; the backward is in ``backward``)
 - ``backward``: the autograd engine's functions
 - ``optimizer``: ``clip_and_step`` (clip, AdamW, zero_grad)
 - ``data``: collating micro-batches and moving them to the device
@@ -66,6 +67,7 @@ def instrument(stage: str, state: dict) -> None:
     from posttrain.recipes import dpo, grpo, rm, sft
 
     # token_logps calls these by their names in posttrain.models; the recipes call clip_and_step by theirs
+    models.chunked_head_logps = scoped("logprobs", models.chunked_head_logps, state)
     models.selective_log_softmax = scoped("logprobs", models.selective_log_softmax, state)
     models.entropy_from_logits = scoped("logprobs", models.entropy_from_logits, state)
     training.clip_and_step = scoped("optimizer", training.clip_and_step, state)
