@@ -39,6 +39,17 @@ def headings(text: str) -> list[str]:
     return re.findall(r"^(#{1,6}) ", outside, flags=re.M)
 
 
+def tables(text: str) -> list[list[str]]:
+    """The Markdown tables outside fenced blocks, each as its list of `|` rows."""
+    outside = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return [block.strip().splitlines() for block in re.findall(r"(?:^\|.*\n)+", outside, flags=re.M)]
+
+
+def row_numbers(row: str) -> list[str]:
+    """The numbers of a table row in order (1.8, 4,096, 1e-8, 2^25 ...), which a translation keeps as they are."""
+    return re.findall(r"\d+(?:[.,]\d+)*(?:e-?\d+)?", row)
+
+
 @pytest.fixture(scope="module")
 def readmes() -> tuple[str, str]:
     return (REPO / "README.md").read_text(encoding="utf-8"), (REPO / "README.zh-CN.md").read_text(encoding="utf-8")
@@ -49,6 +60,9 @@ def test_helpers_find_commands_on_a_known_text():
     assert command_lines(text) == ["make demo   # x", "torchrun --a \\", "    -m posttrain sft"]
     assert inline_commands(text) == ["posttrain demo --quick"]
     assert headings(text) == ["#"]
+    table = "x\n\n| a | b |\n|---|---|\n| 7B (3584 × 28) | 1,310.7 kB, eps 1e-8 |\n\nafter\n"
+    assert tables(table) == [["| a | b |", "|---|---|", "| 7B (3584 × 28) | 1,310.7 kB, eps 1e-8 |"]]
+    assert row_numbers(tables(table)[0][2]) == ["7", "3584", "28", "1,310.7", "1e-8"]
 
 
 def test_every_command_line_of_readme_is_in_the_translation(readmes):
@@ -77,6 +91,18 @@ def test_every_inline_command_is_carried(readmes):
 def test_same_section_structure(readmes):
     english, chinese = readmes
     assert headings(chinese) == headings(english)
+
+
+def test_tables_have_the_same_rows_and_numbers(readmes):
+    english, chinese = readmes
+    english_tables, chinese_tables = tables(english), tables(chinese)
+    assert len(chinese_tables) == len(english_tables) >= 4
+    for english_rows, chinese_rows in zip(english_tables, chinese_tables):
+        assert len(chinese_rows) == len(english_rows), f"table starting {english_rows[0]!r} has another row count"
+        for english_row, chinese_row in zip(english_rows, chinese_rows):
+            assert row_numbers(chinese_row) == row_numbers(english_row), f"numbers differ from README.md's row {english_row!r}"
+            cells = re.compile(r"(?<!\\)\|")
+            assert len(cells.findall(chinese_row)) == len(cells.findall(english_row)), f"columns differ from README.md's row {english_row!r}"
 
 
 def test_each_links_to_the_other(readmes):
