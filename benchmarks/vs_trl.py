@@ -288,7 +288,9 @@ def trl_run(spec: dict) -> None:
                   use_cpu=True, train_sampling_strategy="sequential", model_init_kwargs={"dtype": "float32"})
     data = load_dataset("json", data_files=spec["data_trl"], split="train")
     if stage == "sft":
-        config = trl.SFTConfig(per_device_train_batch_size=shape["batch"], max_length=shape["max_length"], packing=False,
+        # TRL refuses padding_free without packing unless max_length is None; the rows are built within max_length
+        max_length = None if spec["padding_free"] else shape["max_length"]
+        config = trl.SFTConfig(per_device_train_batch_size=shape["batch"], max_length=max_length, packing=False,
                                padding_free=spec["padding_free"], shuffle_dataset=False, **common)
         trainer = trl.SFTTrainer(model=spec["model"], args=config, train_dataset=data)
     elif stage == "rm":
