@@ -8,6 +8,7 @@ import os
 import resource
 import time
 from pathlib import Path
+from typing import Protocol
 
 from posttrain import distributed
 from posttrain.errors import UserError
@@ -18,11 +19,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class Backend:
+class Backend(Protocol):
     """Somewhere logged records go besides metrics.jsonl; opened, fed and closed on rank 0 only."""
 
     def log(self, step: int, values: dict) -> None:
-        raise NotImplementedError
+        """Record the scalar values of one logged step."""
 
     def close(self, failed: bool = False) -> None:
         """Flush and release; ``failed`` when the run ends with an error."""
@@ -32,7 +33,7 @@ def _scalars(values: dict) -> dict:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class TensorBoardBackend(Backend):
+class TensorBoardBackend:
     """Event files under ``log_dir`` via torch's SummaryWriter, one scalar series per metric."""
 
     def __init__(self, log_dir: Path, start_step: int = 0):
@@ -49,7 +50,7 @@ class TensorBoardBackend(Backend):
         self.writer.close()
 
 
-class WandbBackend(Backend):
+class WandbBackend:
     """A Weights & Biases run, offline (files under output_dir/wandb/) unless WANDB_MODE or WANDB_API_KEY is set."""
 
     def __init__(self, output_dir: str, run_name: str, config: dict):
@@ -77,10 +78,9 @@ def open_backends(cfg, start_step: int = 0) -> list[Backend]:
     backends: list[Backend] = []
     for name in dict.fromkeys(getattr(cfg, "report_to", ())):
         if name == "tensorboard":
-            log_dir = getattr(cfg, "logging_dir", "") or Path(cfg.output_dir) / "runs"
-            backends.append(TensorBoardBackend(Path(log_dir), start_step))
+            backends.append(TensorBoardBackend(Path(cfg.output_dir) / "runs", start_step))
         elif name == "wandb":
-            backends.append(WandbBackend(cfg.output_dir, getattr(cfg, "run_name", ""), asdict(cfg)))
+            backends.append(WandbBackend(cfg.output_dir, cfg.run_name, asdict(cfg)))
     return backends
 
 

@@ -248,7 +248,10 @@ def bad_config(draw) -> tuple[str, dict]:
             return stage, case({name: draw(st.sampled_from(["", "skip", "zero", "raised", "nan", "inf", "-inf", "1e999"]))},
                                name)
         valid = CHOICES.get((stage, name), CHOICES.get(name))
-        value = draw(st.text(string.ascii_letters + string.digits + "_", min_size=1, max_size=12).filter(lambda v: v not in valid))
+        # TRL's scale_rewards true / false (any case) are valid too: group / none
+        also = {"true", "false"} if name == "scale_rewards" else set()
+        value = draw(st.text(string.ascii_letters + string.digits + "_", min_size=1, max_size=12)
+                     .filter(lambda v: v not in valid and v.lower() not in also))
         return stage, case({name: value}, name)
     # fields that contradict each other
     options = ["max_prompt_length"]
