@@ -1,6 +1,6 @@
 """The pre-flight memory estimate (posttrain/memory.py) against the measured peak of a real run, on CPU.
 
-    .venv/bin/python benchmarks/memory_estimate.py --stage sft [--hidden_size 512 --layers 4 --vocab 8000]
+    .venv/bin/python benchmarks/memory_estimate.py --stage sft [--hidden_size 512 --layers 4 --vocab 8000] [--dtype bfloat16]
 
 Builds a random Qwen2 of the given shape and rows long enough to fill
 max_length, then runs the stage's recipe for ``--steps`` optimizer steps in a
@@ -72,7 +72,7 @@ def write_data(folder: Path, stage: str, rows: int, chars: int) -> Path:
     return path
 
 
-def build_model(folder: Path, hidden_size: int, layers: int, vocab: int, intermediate: int) -> Path:
+def build_model(folder: Path, hidden_size: int, layers: int, vocab: int, intermediate: int, dtype: str = "float32") -> Path:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -85,7 +85,8 @@ def build_model(folder: Path, hidden_size: int, layers: int, vocab: int, interme
                          max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    # saved in the dtype the run loads, as a checkpoint of that dtype is (no float32 file to read and cast at load)
+    AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).save_pretrained(folder)
     return folder
 
 
@@ -117,15 +118,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="rows (sft) or pairs (dpo) per micro-batch")
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the runs' dtype field")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model_dir = build_model(folder / "model", args.hidden_size, args.layers, args.vocab, args.intermediate_size)
+        model_dir = build_model(folder / "model", args.hidden_size, args.layers, args.vocab, args.intermediate_size,
+                                args.dtype)
         for stage in args.stage:
             data = write_data(folder, stage, rows=args.batch * args.steps, chars=args.max_length * 2)
             results.append(measure(stage, model_dir, data, folder / f"out_{stage}", args.batch, args.max_length,
-                                   args.steps))
+                                   args.steps, {"dtype": args.dtype}))
     print(json.dumps({"shape": vars(args), "results": results}, indent=1))
 
 

@@ -8,26 +8,35 @@ table (rank 0, stderr).
 
 The parts, per device:
 
-- weights: every parameter in fp32 (bf16 autocast computes in bf16 over fp32
-  weights, and caches a bf16 copy of each trained weight while it runs);
-- gradients: fp32, trainable parameters only (LoRA: the adapters);
-- optimizer state: AdamW's two fp32 moments per trainable parameter. With
-  the weights being their own fp32 master copy this is the 4 + 4 + 8 = 16
-  bytes per trained parameter of the ZeRO paper's accounting (Rajbhandari et
-  al., arXiv 1910.02054, §3.1); FSDP (ZeRO-3) divides weights, gradients and
-  optimizer state by the world size, DDP keeps a second gradient copy in its
-  reduction buckets;
-- frozen copies: the reference, reward model(s), and a separate PPO critic
-  (trained: 16 bytes per parameter, like the policy);
+- weights: every parameter in the dtype it loads in (``load_dtype``: `dtype`,
+  for ``auto`` the checkpoint's own torch_dtype); bf16 autocast (`bf16: true`)
+  computes in bf16 over fp32 weights and caches a bf16 copy of each trained
+  weight while it runs. LoRA adapters are float32 whatever the base's dtype
+  (peft upcasts them);
+- gradients: trainable parameters only (LoRA: the adapters), in their dtype;
+- optimizer state: AdamW's two moments per trainable parameter, in its dtype
+  (torch keeps them like the parameter). With fp32 weights being their own
+  master copy this is the 4 + 4 + 8 = 16 bytes per trained parameter of the
+  ZeRO paper's accounting (Rajbhandari et al., arXiv 1910.02054, §3.1);
+  `dtype: bfloat16` trains the bf16 weights themselves, 2 + 2 + 4 = 8 bytes.
+  FSDP (ZeRO-3) divides weights, gradients and optimizer state by the world
+  size, DDP keeps a second gradient copy in its reduction buckets;
+- frozen copies at their load dtype: the reference (`dtype`), reward model(s)
+  (float32, as rewards.py loads them), and a separate PPO critic (`dtype`,
+  trained like the policy);
 - activations of one micro-batch (see ``layer_activation_bytes``), for the
   micro-batch rows and the configured length (the longest a row may be: real
   batches are usually shorter), or under gradient checkpointing the layer
   inputs plus one layer's activations being recomputed;
-- logits: token log-probs are taken over chunks of positions of about 2^24
-  logits (``losses._rows_per_chunk``), and the LM head is computed chunk by
-  chunk too, so one chunk is counted (with its gradient), not B x T x V;
+- logits: the LM head and the log-softmax are computed over chunks of
+  positions of about 2^25 logits (``losses.head_chunk_tokens``), so one chunk
+  is counted (with its gradient), not B x T x V.
+  Where ``models.chunkable_head`` refuses the head (a family with soft-capped
+  or scaled logits, LoRA on lm_head, an FSDP2-sharded head) the model's own
+  (B, T, V) logits and their float32 log-softmax copy are counted instead;
 - RL stages: the rollout's KV cache (generation runs under no_grad before
-  the update, so the peak is the larger of it and the training activations).
+  the update, so the peak is the larger of it and the training activations),
+  in the weights' dtype (sampling runs outside autocast).
 """
 
 from __future__ import annotations
@@ -43,8 +52,10 @@ import torch
 from posttrain import distributed
 from posttrain.errors import UserError
 from posttrain.losses import head_chunk_tokens
+from posttrain.models import PLAIN_HEAD_MODEL_TYPES
 
 FP32, BF16 = 4, 2
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the `dtype` field's fixed choices
 TINY_VOCAB = 259  # the embedded tokenizer: 256 byte symbols + pad, eos, im_start
 
 
@@ -60,10 +71,29 @@ class ModelShape:
     heads: int
     kv_heads: int
     vocab: int
+    dtype: torch.dtype = torch.float32  # of the weights as loaded
+    model_type: str = ""
+    lora_head: bool = False  # LoRA adapts lm_head (only when named: peft's all-linear leaves the output layer out)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.dtype.itemsize
 
 
-def model_shape(config, scalar: bool = False, lora_r: int = 0, lora_targets: str = "all-linear") -> ModelShape:
-    """Parameter counts of the model ``config`` describes; ``lora_r`` > 0 also counts LoRA's r·(in + out) per adapted linear."""
+def load_dtype(dtype: str, config) -> torch.dtype:
+    """The dtype ``models.load_causal_lm`` / ``load_scalar_model`` load the weights in for the `dtype` field: ``auto``
+    is the checkpoint's own (config.json's torch_dtype; float32, the larger guess, when it names none)."""
+    if dtype != "auto":
+        return LOAD_DTYPES[dtype]
+    own = getattr(config, "dtype", None)
+    own = getattr(torch, own, None) if isinstance(own, str) else own
+    return own if isinstance(own, torch.dtype) and own.is_floating_point else torch.float32
+
+
+def model_shape(config, scalar: bool = False, lora_r: int = 0, lora_targets: str = "all-linear",
+                dtype: str = "float32") -> ModelShape:
+    """Parameter counts of the model ``config`` describes, loaded as ``dtype`` (a `dtype` field value); ``lora_r`` > 0
+    also counts LoRA's r·(in + out) per adapted linear."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     with torch.device("meta"):
@@ -74,19 +104,20 @@ def model_shape(config, scalar: bool = False, lora_r: int = 0, lora_targets: str
         else:
             model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
-    lora = 0
+    lora, lora_head = 0, False
     if lora_r:
         targets = None if lora_targets == "all-linear" else {t.strip() for t in lora_targets.split(",")}
         for name, module in model.named_modules():
             leaf = name.rsplit(".", 1)[-1]
-            if not isinstance(module, torch.nn.Linear) or leaf in ("lm_head", "score"):
+            if not isinstance(module, torch.nn.Linear) or leaf == "score" or (targets is None and leaf == "lm_head"):
                 continue
             if targets is None or leaf in targets:
                 lora += lora_r * (module.in_features + module.out_features)
+                lora_head = lora_head or leaf == "lm_head"
     heads = config.num_attention_heads
     return ModelShape(params, lora, config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
                       config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads,
-                      config.vocab_size)
+                      config.vocab_size, load_dtype(dtype, config), getattr(config, "model_type", ""), lora_head)
 
 
 def layer_activation_bytes(shape: ModelShape, bf16: bool) -> int:
@@ -110,29 +141,50 @@ def layer_activation_bytes(shape: ModelShape, bf16: bool) -> int:
     - under bf16 autocast every projection casts its input on its own: q, k, v
       each keep a bf16 copy of the norm's output (3h), gate and up another (2h).
 
+    With 16-bit weights (`dtype: bfloat16`, autocast or not) everything is in
+    that dtype but the norms' float32 working: each keeps its input upcast and
+    1/rms in float32, the normalised value cast back (h) and its output (h)
+    in the weights' dtype; cos and sin follow the weights' dtype too.
+
     `tests/test_memory.py` checks this count against the tensors autograd
     actually saves.
     """
     h, i, heads = shape.hidden, shape.intermediate, shape.heads
     kv, head_dim = h * shape.kv_heads // heads, h // heads
+    attention_mlp = h + 2 * kv + h + 4 * i
+    if shape.weight_bytes < FP32:
+        fp32_values = 2 * (h + 1) + heads
+        return fp32_values * FP32 + (2 * 2 * h + 2 * head_dim + attention_mlp) * shape.weight_bytes
     fp32_values = 2 * (2 * h + 1) + 2 * head_dim + heads + (0 if bf16 else 2 * h)
-    compute_values = h + 2 * kv + h + 4 * i + (5 * h if bf16 else 0)
-    return fp32_values * FP32 + compute_values * (BF16 if bf16 else FP32)
+    compute_values = attention_mlp + (5 * h if bf16 else 0)
+    return fp32_values * FP32 + compute_values * compute_bytes(shape, bf16)
+
+
+def compute_bytes(shape: ModelShape, bf16: bool) -> int:
+    """Bytes of one activation value: bf16 under autocast, else the weights' own dtype."""
+    return BF16 if bf16 else shape.weight_bytes
 
 
 def activation_bytes(shape: ModelShape, tokens: int, bf16: bool, checkpointing: bool) -> int:
     """Activations of one micro-batch of ``tokens`` positions kept for the backward pass through the decoder."""
     layer = layer_activation_bytes(shape, bf16)
-    if checkpointing:  # each layer keeps only its input (the fp32 residual stream); one layer is recomputed at a time
-        return tokens * (shape.layers * shape.hidden * FP32 + layer)
+    if checkpointing:  # each layer keeps only its input (the residual stream, in the weights' dtype); one layer is recomputed
+        return tokens * (shape.layers * shape.hidden * shape.weight_bytes + layer)
     return tokens * shape.layers * layer
 
 
-def logits_bytes(shape: ModelShape, scored_tokens: int, bf16: bool) -> int:
-    """One chunk of LM-head logits (losses.head_chunk_tokens positions): the head's output (compute dtype), the float32 chunk the log-softmax
-    reads, and the gradients of both."""
-    values = min(scored_tokens, head_chunk_tokens(shape.vocab)) * shape.vocab
-    return values * 2 * ((BF16 if bf16 else FP32) + FP32)
+def logits_bytes(shape: ModelShape, scored_tokens: int, bf16: bool, full: bool = False) -> int:
+    """One chunk of LM-head logits (losses.head_chunk_tokens positions), or with ``full`` all ``scored_tokens`` of them
+    (the model's own logits, see ``full_logits``): the head's output (compute dtype), the float32 copy the
+    log-softmax reads, and the gradients of both."""
+    positions = scored_tokens if full else min(scored_tokens, head_chunk_tokens(shape.vocab))
+    return positions * shape.vocab * 2 * (compute_bytes(shape, bf16) + FP32)
+
+
+def full_logits(cfg, shape: ModelShape) -> bool:
+    """Whether ``models.token_logps`` takes the model's own (B, T, V) logits, ``models.chunkable_head`` refusing its
+    head: a family whose logits are more than lm_head's output, LoRA on lm_head, or a head FSDP2 shards."""
+    return shape.model_type not in PLAIN_HEAD_MODEL_TYPES or shape.lora_head or (cfg.fsdp and distributed.world_size() > 1)
 
 
 def _read_config(path: str):
@@ -141,8 +193,9 @@ def _read_config(path: str):
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def _shape_of(cfg, path: str, scalar: bool = False, lora: bool = False) -> ModelShape | None:
-    """The shape of the model at ``path`` (the embedded tiny model from the tiny_* fields), or None when unreadable."""
+def _shape_of(cfg, path: str, scalar: bool = False, lora: bool = False, dtype: str | None = None) -> ModelShape | None:
+    """The shape of the model at ``path`` (the embedded tiny model from the tiny_* fields), loaded as ``dtype`` (the
+    `dtype` field when None), or None when unreadable."""
     try:
         if path == "tiny" and hasattr(cfg, "tiny_hidden_size"):
             from transformers import Qwen2Config
@@ -155,7 +208,7 @@ def _shape_of(cfg, path: str, scalar: bool = False, lora: bool = False) -> Model
             if not (Path(path) / "config.json").is_file():
                 return None
             config = _read_config(path)
-        return model_shape(config, scalar, cfg.lora_r if lora else 0, cfg.lora_target_modules)
+        return model_shape(config, scalar, cfg.lora_r if lora else 0, cfg.lora_target_modules, dtype or cfg.dtype)
     except (OSError, ValueError, KeyError, AttributeError):  # the loader reports a bad folder, not this
         return None
 
@@ -176,15 +229,18 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
     world = distributed.world_size()
     shard = world if cfg.fsdp else 1
     trained = policy.lora_params if cfg.use_peft else policy.params
+    trained_bytes = FP32 if cfg.use_peft else policy.weight_bytes  # peft keeps adapters float32 over a 16-bit base
+    autocast_copies = trained * BF16 if cfg.bf16 and trained_bytes == FP32 else 0
     parts: dict[str, float] = {}
     notes: dict[str, str] = {}
-    parts["weights"] = policy.params * FP32 / shard + (trained * BF16 if cfg.bf16 else 0)
-    notes["weights"] = f"{_count(policy.params)} params fp32" + (", + bf16 copies under autocast" if cfg.bf16 else "")
-    parts["gradients"] = trained * FP32 / shard * (2 if world > 1 and not cfg.fsdp else 1)
+    parts["weights"] = (policy.params * policy.weight_bytes + policy.lora_params * FP32) / shard + autocast_copies
+    notes["weights"] = f"{_count(policy.params)} params {_name(policy.dtype)}" + \
+        (", + LoRA adapters fp32" if cfg.use_peft else "") + (", + bf16 copies under autocast" if autocast_copies else "")
+    parts["gradients"] = trained * trained_bytes / shard * (2 if world > 1 and not cfg.fsdp else 1)
     notes["gradients"] = f"{_count(trained)} trained" + (" (LoRA)" if cfg.use_peft else "") + \
         (", + DDP buckets" if world > 1 and not cfg.fsdp else "")
-    parts["optimizer"] = 2 * trained * FP32 / shard
-    notes["optimizer"] = "AdamW: 2 fp32 moments"
+    parts["optimizer"] = 2 * trained * trained_bytes / shard
+    notes["optimizer"] = f"AdamW: 2 moments, {_name(torch.float32 if cfg.use_peft else policy.dtype)}"
 
     # frozen copies and the critic
     ref_path = getattr(cfg, "ref_model_name_or_path", "") or cfg.model_name_or_path
@@ -192,19 +248,20 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
                  "grpo": getattr(cfg, "beta", 0) > 0}.get(stage, False)
     if needs_ref and (getattr(cfg, "ref_model_name_or_path", "") or not cfg.use_peft):
         ref = _shape_of(cfg, ref_path) or policy
-        parts["reference"] = ref.params * FP32 / shard
-        notes["reference"] = "frozen copy"
+        parts["reference"] = ref.params * ref.weight_bytes / shard
+        notes["reference"] = f"frozen copy, {_name(ref.dtype)}"
     if getattr(cfg, "reward_model_name_or_path", ""):
-        reward = _shape_of(cfg, cfg.reward_model_name_or_path, scalar=True)
+        reward = _shape_of(cfg, cfg.reward_model_name_or_path, scalar=True, dtype="float32")  # as rewards.py loads it
         if reward is not None:
-            parts["reward_model"] = reward.params * FP32 / shard
-            notes["reward_model"] = "frozen"
+            parts["reward_model"] = reward.params * reward.weight_bytes / shard
+            notes["reward_model"] = f"frozen, {_name(reward.dtype)}"
     critic = None
     if stage == "ppo" and cfg.critic == "separate":
         critic_path = cfg.critic_model_name_or_path or cfg.reward_model_name_or_path or cfg.model_name_or_path
         critic = _shape_of(cfg, critic_path, scalar=True) or policy
-        parts["critic"] = critic.params * (FP32 + FP32 + 2 * FP32) / shard
-        notes["critic"] = "weights, gradients, AdamW"
+        parts["critic"] = critic.params * 4 * critic.weight_bytes / shard + \
+            (critic.params * BF16 if cfg.bf16 and critic.weight_bytes == FP32 else 0)
+        notes["critic"] = f"weights, gradients, AdamW, {_name(critic.dtype)}"
 
     # one micro-batch: rows x length, and the positions whose logits are scored
     B = cfg.per_device_train_batch_size
@@ -228,18 +285,24 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
     notes["activations"] = f"{rows} rows x {length} tokens, {policy.layers} layers" + \
         (", checkpointed" if cfg.gradient_checkpointing else "")
     if not scalar:
-        parts["logits"] = logits_bytes(policy, scored, cfg.bf16)
-        notes["logits"] = "one chunk of <= 2^24 logits (not B x T x V), with gradients"
+        full = full_logits(cfg, policy)
+        parts["logits"] = logits_bytes(policy, scored, cfg.bf16, full)
+        notes["logits"] = f"{scored} x {policy.vocab} logits and their fp32 log-softmax (the model's own head)" if full \
+            else "one chunk of <= 2^25 logits (not B x T x V), with gradients"
     if stage in ("ppo", "grpo"):
         kv = policy.hidden * policy.kv_heads // policy.heads
-        # sampling runs outside autocast, on the fp32 weights: the cache is fp32
-        parts["kv_cache"] = rollouts * length * policy.layers * 2 * kv * FP32
+        # sampling runs outside autocast, on the weights as loaded: the cache is in their dtype
+        parts["kv_cache"] = rollouts * length * policy.layers * 2 * kv * policy.weight_bytes
         notes["kv_cache"] = f"{rollouts} rollouts (generation, before the update)"
     static = sum(v for k, v in parts.items() if k not in ("activations", "logits", "kv_cache"))
     training = parts["activations"] + parts.get("logits", 0)
     parts["total"] = static + max(training, parts.get("kv_cache", 0))
     notes["total"] = f"per device, world size {world}" + (", FSDP" if cfg.fsdp else "")
     return {"bytes": parts, "notes": notes, "stage": stage}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def _count(n: int) -> str:

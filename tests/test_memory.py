@@ -29,7 +29,7 @@ def _saved_activation_bytes(layer, hidden: int, position_embeddings, bf16: bool,
         return t
 
     B, S = tokens
-    x = torch.randn(B, S, hidden, requires_grad=True)
+    x = torch.randn(B, S, hidden, dtype=next(layer.parameters()).dtype, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         layer(x, attention_mask=None, position_embeddings=position_embeddings,
@@ -39,9 +39,10 @@ def _saved_activation_bytes(layer, hidden: int, position_embeddings, bf16: bool,
                if ptr not in weights and not (len(shape) == 2 and shape[0] != B * S))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("family", ["qwen2", "llama_gqa"])
-def test_layer_activation_formula_equals_the_tensors_autograd_saves(family, bf16):
+def test_layer_activation_formula_equals_the_tensors_autograd_saves(family, bf16, dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     if family == "qwen2":
@@ -51,12 +52,12 @@ def test_layer_activation_formula_equals_the_tensors_autograd_saves(family, bf16
         config = LlamaConfig(vocab_size=97, hidden_size=96, num_hidden_layers=1, num_attention_heads=6,
                              num_key_value_heads=2, intermediate_size=200)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))  # as `dtype: bfloat16` loads it
     B, S = 3, 20
-    x = torch.zeros(B, S, config.hidden_size)
+    x = torch.zeros(B, S, config.hidden_size, dtype=getattr(torch, dtype))
     position_embeddings = model.model.rotary_emb(x, torch.arange(S)[None].expand(B, S))
     measured = _saved_activation_bytes(model.model.layers[0], config.hidden_size, position_embeddings, bf16, (B, S))
-    shape = memory.model_shape(config)
+    shape = memory.model_shape(config, dtype=dtype)
     assert memory.layer_activation_bytes(shape, bf16) * B * S == measured
 
 
@@ -84,7 +85,8 @@ def test_estimate_parts_follow_lora_checkpointing_fsdp_and_the_reference(tiny_qw
     params = sum(p.numel() for p in load_causal_lm(str(tiny_qwen)).parameters())
     assert full["weights"] == 4 * params and full["gradients"] == 4 * params and full["optimizer"] == 8 * params
     lora = _estimate(tiny_qwen, arith_data, tmp_path, use_peft="true", lora_r=4)
-    assert lora["weights"] == full["weights"] and 0 < lora["gradients"] < full["gradients"] / 4
+    # the frozen base as before plus the fp32 adapters, which alone have gradients
+    assert lora["weights"] == full["weights"] + lora["gradients"] and 0 < lora["gradients"] < full["gradients"] / 4
     assert lora["optimizer"] == 2 * lora["gradients"]
     checkpointed = _estimate(tiny_qwen, arith_data, tmp_path, gradient_checkpointing="true")
     assert checkpointed["activations"] < full["activations"]
@@ -172,3 +174,118 @@ def test_ppo_estimate_counts_a_separate_critic_and_the_reward_model(tiny_qwen, a
     assert separate["critic"] == 16 * scalar and "critic" not in shared
     assert separate["reward_model"] == 4 * scalar and separate["reference"] == separate["weights"]
     assert separate["activations"] == 2 * shared["activations"]  # the critic's own forward (same trunk shape)
+
+
+# Qwen2-7B's shape (config.json only: the estimate builds the model on the meta device, no weights needed)
+QWEN2_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+            "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+            "tie_word_embeddings": False, "max_position_embeddings": 32768}
+# Its parameters, by hand (h 3584, i 18944, 28 layers, V 152064, k/v width 4 heads x 128 = 512):
+#   per layer: q 3584·3584 + 3584 bias = 12,848,640; k and v 3584·512 + 512 = 1,835,520 each; o 3584·3584 = 12,845,056;
+#              gate, up, down 3·3584·18944 = 203,685,888; two RMSNorms 2·3584 = 7,168      -> 233,057,792
+#   28 layers 6,525,618,176 + embeddings and untied lm_head 2·152064·3584 = 1,089,994,752 + final norm 3,584
+QWEN2_7B_PARAMS = 7_615_616_512
+
+
+def _config_folder(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _estimate_of(model: Path, arith_data, tmp_path, stage="sft", **fields) -> dict:
+    data = arith_data["preference" if stage == "dpo" else "sft"]
+    base = {"model_name_or_path": str(model), "dataset_name": str(data), "output_dir": str(tmp_path / "out")}
+    return memory.estimate(load_config(stage, None, {**base, **{k: str(v) for k, v in fields.items()}}))["bytes"]
+
+
+def test_a_bf16_7b_run_costs_half_the_weight_gradient_and_optimizer_bytes_of_fp32(arith_data, tmp_path):
+    model = _config_folder(tmp_path / "qwen2_7b", QWEN2_7B)
+    P = QWEN2_7B_PARAMS
+    fp32 = _estimate_of(model, arith_data, tmp_path, dtype="float32")
+    bf16 = _estimate_of(model, arith_data, tmp_path, dtype="bfloat16")
+    assert memory.model_shape(memory._read_config(str(model))).params == P
+    # float32: 4 + 4 + 2·4 = 16 bytes a parameter = 121,849,864,192 bytes (113.5 GiB)
+    assert (fp32["weights"], fp32["gradients"], fp32["optimizer"]) == (4 * P, 4 * P, 8 * P)
+    # bfloat16 weights, their gradients and AdamW's moments (torch keeps them in the parameter's dtype):
+    # 2 + 2 + 2·2 = 8 bytes a parameter = 60,924,932,096 bytes (56.7 GiB), half
+    assert (bf16["weights"], bf16["gradients"], bf16["optimizer"]) == (2 * P, 2 * P, 4 * P)
+    assert bf16["activations"] < fp32["activations"]
+    # bf16 autocast over fp32 weights: fp32 weights, gradients and moments, plus a bf16 copy of each trained weight
+    autocast = _estimate_of(model, arith_data, tmp_path, dtype="float32", bf16="true")
+    assert (autocast["weights"], autocast["gradients"], autocast["optimizer"]) == (4 * P + 2 * P, 4 * P, 8 * P)
+    # LoRA over a bf16 base: the frozen base in bf16, the adapters (peft keeps them fp32) alone trained
+    lora = _estimate_of(model, arith_data, tmp_path, dtype="bfloat16", use_peft="true", lora_r=8)
+    adapters = lora["gradients"] / 4
+    assert lora["weights"] == 2 * P + 4 * adapters and lora["optimizer"] == 8 * adapters
+
+
+def test_dtype_auto_costs_the_checkpoints_own_torch_dtype(arith_data, tmp_path):
+    P = QWEN2_7B_PARAMS
+    bf16_checkpoint = _config_folder(tmp_path / "bf16", {**QWEN2_7B, "torch_dtype": "bfloat16"})
+    unnamed = _config_folder(tmp_path / "unnamed", QWEN2_7B)
+    assert _estimate_of(bf16_checkpoint, arith_data, tmp_path, dtype="auto") == \
+        _estimate_of(bf16_checkpoint, arith_data, tmp_path, dtype="bfloat16")
+    assert _estimate_of(bf16_checkpoint, arith_data, tmp_path, dtype="auto")["weights"] == 2 * P
+    assert _estimate_of(unnamed, arith_data, tmp_path, dtype="auto")["weights"] == 4 * P  # none named: fp32, the larger
+    # the reference of a DPO run loads with the same dtype
+    assert _estimate_of(bf16_checkpoint, arith_data, tmp_path, "dpo", dtype="auto")["reference"] == 2 * P
+
+
+def test_a_bf16_7b_run_that_fits_is_no_longer_refused(arith_data, tmp_path):
+    from posttrain.errors import UserError
+
+    model = _config_folder(tmp_path / "qwen2_7b", QWEN2_7B)
+    fields = {"per_device_train_batch_size": 1, "max_length": 512, "gradient_checkpointing": "true"}
+    free = 80 * 2**30  # a pretend 80 GiB device
+    bf16_cfg = load_config("sft", None, {"model_name_or_path": str(model), "dataset_name": str(arith_data["sft"]),
+                                         "output_dir": str(tmp_path), "dtype": "bfloat16",
+                                         **{k: str(v) for k, v in fields.items()}})
+    bf16 = memory.estimate(bf16_cfg)["bytes"]["total"]
+    assert 8 * QWEN2_7B_PARAMS < bf16 < free  # about 57.3 GiB (it was 114.4 GiB, as for fp32)
+    memory.check_fits(bf16_cfg, bf16, free, "cuda:0")
+    fp32 = _estimate_of(model, arith_data, tmp_path, dtype="float32", **fields)["total"]
+    with pytest.raises(UserError, match="114.4 GiB"):
+        memory.check_fits(bf16_cfg, fp32, free, "cuda:0")
+
+
+def test_lora_on_lm_head_counts_the_models_full_logits(arith_data, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from posttrain.models import apply_lora, chunkable_head
+
+    model = _config_folder(tmp_path / "qwen2_7b", QWEN2_7B)
+    fields = {"dtype": "bfloat16", "use_peft": "true", "lora_r": 8, "per_device_train_batch_size": 1, "max_length": 512,
+              "gradient_checkpointing": "true"}
+    chunked = _estimate_of(model, arith_data, tmp_path, lora_target_modules="q_proj,v_proj", **fields)
+    full = _estimate_of(model, arith_data, tmp_path, lora_target_modules="q_proj,v_proj,lm_head", **fields)
+    # bf16 logits and their fp32 copy, with gradients: 2·(2 + 4) = 12 bytes a logit
+    #   chunked: 2^25 // 152064 = 220 positions (losses.HEAD_CHUNK_LOGITS) -> 220·152064·12 = 401,448,960 bytes
+    #   full:    1 row x 512 positions                                   -> 512·152064·12 = 934,281,216 bytes
+    assert chunked["logits"] == 401_448_960 and full["logits"] == 934_281_216
+    # the lm_head adapter: 8·(3584 + 152064) = 1,245,184 fp32 parameters, 4 + 4 + 8 = 16 bytes each: 19,922,944 bytes
+    assert full["total"] - chunked["total"] == (934_281_216 - 401_448_960) + 19_922_944
+    # and the real head: a LoRA-adapted lm_head is one chunkable_head refuses
+    tiny = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", vocab_size=97, hidden_size=32, intermediate_size=64,
+                                                                 num_hidden_layers=1, num_attention_heads=2))
+    assert chunkable_head(tiny) is not None and chunkable_head(apply_lora(tiny, 4, 8, "q_proj,lm_head")) is None
+
+
+def test_a_soft_capped_head_counts_the_models_full_logits(arith_data, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from posttrain.models import chunkable_head
+
+    shape = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 256000}
+    gemma2 = _config_folder(tmp_path / "gemma2", {"model_type": "gemma2", "final_logit_softcapping": 30.0, **shape})
+    gemma = _config_folder(tmp_path / "gemma", {"model_type": "gemma", **shape})
+    fields = {"per_device_train_batch_size": 2, "max_length": 128}
+    # fp32 logits and log-softmax, with gradients: 2·(4 + 4) = 16 bytes a logit
+    #   gemma (plain head, chunked): 2^25 // 256000 = 131 positions -> 131·256000·16 =   536,576,000 bytes
+    #   gemma2 (soft-capped, the model's own logits): 2 rows x 128   -> 256·256000·16 = 1,048,576,000 bytes
+    assert _estimate_of(gemma, arith_data, tmp_path, **fields)["logits"] == 536_576_000
+    assert _estimate_of(gemma2, arith_data, tmp_path, **fields)["logits"] == 1_048_576_000
+    tiny = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", vocab_size=97, hidden_size=32, intermediate_size=64,
+                                                                 num_hidden_layers=1, num_attention_heads=2, head_dim=16))
+    assert chunkable_head(tiny) is None
