@@ -173,12 +173,22 @@ def activation_bytes(shape: ModelShape, tokens: int, bf16: bool, checkpointing: 
     return tokens * shape.layers * layer
 
 
-def logits_bytes(shape: ModelShape, scored_tokens: int, bf16: bool, full: bool = False) -> int:
+def logits_bytes(shape: ModelShape, scored_tokens: int, bf16: bool, full: bool = False, head_trained: bool = False) -> int:
     """One chunk of LM-head logits (losses.head_chunk_tokens positions), or with ``full`` all ``scored_tokens`` of them
     (the model's own logits, see ``full_logits``): the head's output (compute dtype), the float32 copy the
-    log-softmax reads, and the gradients of both."""
+    log-softmax reads, and the gradients of both.
+
+    A trained head's chunked backward (``losses.chunked_head_logps``) also sums its weight gradient over the chunks
+    in float32: a (V, H) float32 sum where the weights are 16-bit (an fp32 weight's sum is its gradient itself), and
+    each chunk's (V, H) product in the compute dtype where that is not float32 (fp32 accumulates in place).
+    """
+    compute = compute_bytes(shape, bf16)
     positions = scored_tokens if full else min(scored_tokens, head_chunk_tokens(shape.vocab))
-    return positions * shape.vocab * 2 * (compute_bytes(shape, bf16) + FP32)
+    head_gradient = 0
+    if head_trained and not full:
+        head_gradient = shape.vocab * shape.hidden * ((FP32 if shape.weight_bytes < FP32 else 0) +
+                                                      (compute if compute < FP32 else 0))
+    return positions * shape.vocab * 2 * (compute + FP32) + head_gradient
 
 
 def full_logits(cfg, shape: ModelShape) -> bool:
@@ -286,9 +296,10 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
         (", checkpointed" if cfg.gradient_checkpointing else "")
     if not scalar:
         full = full_logits(cfg, policy)
-        parts["logits"] = logits_bytes(policy, scored, cfg.bf16, full)
+        parts["logits"] = logits_bytes(policy, scored, cfg.bf16, full, head_trained=not cfg.use_peft)
         notes["logits"] = f"{scored} x {policy.vocab} logits and their fp32 log-softmax (the model's own head)" if full \
-            else "one chunk of <= 2^25 logits (not B x T x V), with gradients"
+            else "one chunk of <= 2^25 logits (not B x T x V), with gradients" + \
+            (", the head's gradient sum" if not cfg.use_peft and compute_bytes(policy, cfg.bf16) < FP32 else "")
     if stage in ("ppo", "grpo"):
         kv = policy.hidden * policy.kv_heads // policy.heads
         # sampling runs outside autocast, on the weights as loaded: the cache is in their dtype
