@@ -175,9 +175,9 @@ def test_grpo_rewards_see_whole_groups(tmp_path, tiny_qwen, arith_data, monkeypa
     calls = []
     original = RewardSources.score
 
-    def spy(self, prompts, completions, extras, raw_prompts=None):
+    def spy(self, prompts, completions, extras, **kwargs):
         calls.append((list(prompts), list(completions), [dict(e) for e in extras]))
-        return original(self, prompts, completions, extras, raw_prompts)
+        return original(self, prompts, completions, extras, **kwargs)
 
     monkeypatch.setattr(RewardSources, "score", spy)
     G = 4
