@@ -209,17 +209,22 @@ class RMConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
 class RewardConfig:
     reward_funcs: list = field(default_factory=lambda: ["exact_match"])
     """Rule rewards: built-ins exact_match, think_format, TRL's accuracy_reward (exact match on `answer` or `solution`)
-    and think_format_reward, or `module:function` / `module.function` of your own."""
+    and think_format_reward, or `module:function` / `module.function` of your own. Not given, with a
+    reward_model_name_or_path: none (the reward model alone)."""
     reward_weights: list = field(default_factory=list)
     """Weight per reward source (funcs first, then the reward model); empty means all 1."""
     reward_model_name_or_path: str = ""
     """A trained reward model folder, added to the reward sources (scored on prompt + completion)."""
-    reward_clip: float = 3.0
-    """Clip the summed sequence reward to [-reward_clip, reward_clip] (0 disables)."""
+    reward_clip: float = 0.0
+    """Clip the weighted sum of the reward sources to [-reward_clip, reward_clip] before advantages; 0: no
+    clipping, as in TRL (a reward model's scores reach the advantages unsaturated)."""
     reward_on_error: str = "raise"
     """A reward function that fails or returns a non-number for a row: `raise`, or a number to score that row with."""
     reward_timeout_s: float = 0.0
     """Report a reward function or model that takes longer than this many seconds per batch (0: no limit)."""
+    missing_eos_penalty: float = 0.0
+    """Subtract this from the reward of completions that hit max_completion_length without EOS (after
+    reward_clip), as TRL's option of that name does."""
 
 
 @dataclass
@@ -294,8 +299,6 @@ class PPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     """Weight of the entropy bonus."""
     target_kl: float = 0.0
     """Stop a rollout batch's epochs early once approx KL exceeds this (0 disables)."""
-    missing_eos_penalty: float = 0.0
-    """Subtract this from the score of completions that hit max_completion_length without EOS."""
     stop_token: str = "eos"
     """Where completions stop: eos (the tokenizer's EOS), the only value."""
 
@@ -457,6 +460,9 @@ def load_config(stage: str, config_file: str | None, overrides: dict[str, str], 
         given = [(key, value, f"{config_file}:{lines.get(str(key), 1)}") for key, value in loaded.items()]
         _apply(stage, given, values, sources, yaml_file=True)
     _apply(stage, [(key, value, f"--{key}") for key, value in overrides.items()], values, sources)
+    if values.get("reward_model_name_or_path") and "reward_funcs" not in sources:
+        # a reward model and no rule named: score with the model alone, as TRL does (exact_match needs `answer`)
+        values["reward_funcs"] = []
     cfg = cls(**values)
     validate(stage, cfg, sources, check_paths=check_paths)
     return cfg
@@ -1003,6 +1009,10 @@ def _check_paths(cfg, sources: dict | None) -> None:
             hint = "; only posttrain sft builds the embedded tiny model" if tiny else ""
             raise UserError(f"{_field(name, sources)}: {path!r} is not a local model folder (no config.json); "
                             f"posttrain never downloads models{hint}")
+        if name == "reward_model_name_or_path":
+            from posttrain.models import require_scalar_head
+
+            require_scalar_head(path, _field(name, sources))  # a causal LM would score every completion 0
     for name in _DATA_FIELDS:
         path = getattr(cfg, name, "")
         if path and not Path(path).exists():

@@ -453,8 +453,12 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     return _ids(tokenizer, _template(tokenizer, prompt, add_generation_prompt=True))
 
 
-def encode_response(tokenizer, prompt, response) -> list[int]:
-    """Tokens of the response as they follow the prompt (text + EOS, or the templated turn)."""
+def encode_response(tokenizer, prompt, response, finished: bool = True) -> list[int]:
+    """Tokens of the response as they follow the prompt (text + EOS, or the templated turn). A response not
+    ``finished`` (a completion cut at the length limit) is its text alone: no EOS, no end of turn, as sampled
+    after the prompt's generation prompt."""
+    if not finished and isinstance(response, str):
+        return _ids(tokenizer, response)
     if isinstance(prompt, str) and isinstance(response, str):
         return _ids(tokenizer, response) + [tokenizer.eos_token_id]
     prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

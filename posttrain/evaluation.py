@@ -85,8 +85,10 @@ def _evaluate(model, tokenizer, examples, rewards, ref_model, max_new_tokens, ba
         raw_prompts = [e.prompt for e in chunk]
         sampled = generate(model, tokenizer, ids, max_new_tokens, temperature=1.0)
         greedy = generate(model, tokenizer, ids, max_new_tokens, greedy=True)
-        reward, parts = rewards.score(prompts, sampled.completions, extras, raw_prompts=raw_prompts)
-        _, greedy_parts = rewards.score(prompts, greedy.completions, extras, raw_prompts=raw_prompts)
+        reward, parts = rewards.score(prompts, sampled.completions, extras, raw_prompts=raw_prompts,
+                                      truncated=sampled.truncated)
+        _, greedy_parts = rewards.score(prompts, greedy.completions, extras, raw_prompts=raw_prompts,
+                                        truncated=greedy.truncated)
         totals["accuracy"] += float(_correct(parts).sum())
         totals["greedy_accuracy"] += float(_correct(greedy_parts).sum())
         totals["reward_mean"] += float(reward.sum())
@@ -299,7 +301,8 @@ def rl_evaluation(cfg, model, tokenizer, rewards: RewardSources) -> Callable[[],
                 chunk = [prompts[i] for i in indices]
                 gen = generate(model, tokenizer, [p.prompt_ids for p in chunk], cfg.max_completion_length, greedy=True)
                 texts, extras = [p.prompt_text for p in chunk], [p.extra for p in chunk]
-                reward, _ = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in chunk])
+                reward, _ = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in chunk],
+                                          truncated=gen.truncated)
                 stats = {"reward": reward.float().mean(), "completion_length": gen.completion_mask.sum(-1).float().mean()}
                 if answers:
                     stats["greedy_accuracy"] = _correct(exact.score(texts, gen.completions, extras)[1]).float().mean()

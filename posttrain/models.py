@@ -269,6 +269,26 @@ def load_scalar_model(path: str, field: str, trainable: bool = True, allow_pickl
     return model.train() if trainable else freeze(model)
 
 
+def require_scalar_head(path: str, field: str) -> None:
+    """Refuse a reward model folder without a trained scalar head: one UserError line naming what it holds.
+
+    load_scalar_model starts a causal LM's head at zero (right for a new critic), so a policy folder given
+    as the reward model would score every completion 0 and the run would train on nothing.
+    """
+    import json
+
+    if _was_trained_as_scalar(path):
+        return
+    if (Path(path) / ADAPTER_CONFIG).is_file():
+        task = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("task_type") or "none"
+        holds = f"a LoRA adapter (task_type {task}"
+    else:
+        architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+        kind = "a causal LM" if any("CausalLM" in a for a in architectures) else "a model"
+        holds = f"{kind} ({', '.join(architectures) or 'no architectures in config.json'}"
+    raise UserError(f"{field}: {path} is {holds}, no scalar score head); train one with `posttrain rm`")
+
+
 def _was_trained_as_scalar(path: str) -> bool:
     import json
 

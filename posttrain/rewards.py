@@ -9,8 +9,11 @@ as in DeepSeek-R1's format reward), and TRL's ``accuracy_reward`` and
 ``module.function``) names one of your own. A reward model folder scores
 prompt + completion with its scalar head, re-rendered from the raw prompt and
 the completion text with its own tokenizer exactly as RM training renders a
-row, so the score is read at the token it was trained on. Sources are weighted,
-summed and clipped to ``[-reward_clip, reward_clip]`` (3 by default).
+row, so the score is read at the token it was trained on; a completion cut at
+max_completion_length (no EOS) is scored as sampled, without the EOS or end of
+turn it never produced. Sources are weighted and summed, clipped to
+``[-reward_clip, reward_clip]`` when reward_clip > 0 (not by default, as in
+TRL), and ``missing_eos_penalty`` is subtracted from truncated completions.
 
 The contract of a rule reward: it is called exactly once per batch (never again
 row by row: it may have side effects or cost money) and returns a list or tuple
@@ -290,8 +293,8 @@ def _required_fields(source: RewardSource) -> tuple[str, ...]:
     return REQUIRED_FIELDS.get(source.name, ()) if BUILTIN.get(source.name) is source.func else ()
 
 
-def rendered_sequences(tokenizer, raw_prompts: list[str | list[dict]],
-                       completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def rendered_sequences(tokenizer, raw_prompts: list[str | list[dict]], completions: list[str],
+                       truncated: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask) (B, L) of each prompt + completion, rendered as in RM training.
 
     The same data path as an RM training row (encode_prompt + encode_response,
@@ -299,9 +302,12 @@ def rendered_sequences(tokenizer, raw_prompts: list[str | list[dict]],
     templated assistant turn (ending ``<|im_end|>\n`` in ChatML), a text
     prompt's completion gets EOS. Sampled ids would end at the EOS instead,
     one token away from where the reward model learned to put its score.
+    A ``truncated`` row (no EOS sampled) is the rendered prompt + the
+    completion's own tokens: an unfinished answer is not scored as finished.
     """
-    examples = [Example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, prompt, completion))
-                for prompt, completion in zip(raw_prompts, completions)]
+    truncated = [False] * len(completions) if truncated is None else [bool(t) for t in truncated]
+    examples = [Example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, prompt, completion, finished=not cut))
+                for prompt, completion, cut in zip(raw_prompts, completions, truncated)]
     batch = collate_examples(examples, tokenizer.pad_token_id)
     return batch.input_ids, batch.attention_mask
 
@@ -311,24 +317,25 @@ def _has_tokenizer(path: str) -> bool:
 
 
 class RewardSources:
-    """All reward sources of a run; ``score`` gives the weighted, clipped total and each part.
+    """All reward sources of a run; ``score`` gives the weighted, clipped, EOS-penalised total and each part.
 
     ``on_error``: None (``reward_on_error: raise``) makes any broken reward
     function a RewardError; a number scores each failed row of a source with
     it instead (that source's value, weighted like any other) and adds
     ``rewards/errors`` to the parts. ``timeout_s`` bounds each rule call and
     each reward-model scoring call (0: no limit); a reward model's timeout
-    stops a distributed run whatever ``on_error`` says.
+    stops a distributed run whatever ``on_error`` says. ``missing_eos_penalty``
+    is subtracted from the total of each truncated completion (TRL's option).
     """
 
     def __init__(self, sources: list[RewardSource], clip: float, tokenizer=None, on_error: float | None = None,
-                 timeout_s: float = 0.0):
+                 timeout_s: float = 0.0, missing_eos_penalty: float = 0.0):
         self.sources, self.clip, self.tokenizer = sources, clip, tokenizer
-        self.on_error, self.timeout_s = on_error, timeout_s
+        self.on_error, self.timeout_s, self.missing_eos_penalty = on_error, timeout_s, missing_eos_penalty
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> RewardSources:
-        from posttrain.models import load_scalar_model, load_tokenizer
+        from posttrain.models import load_scalar_model, load_tokenizer, require_scalar_head
 
         on_error, timeout_s = parse_on_error(cfg.reward_on_error), parse_timeout(cfg.reward_timeout_s)
         names = list(cfg.reward_funcs)
@@ -336,13 +343,15 @@ class RewardSources:
         sources = [RewardSource(n, float(w), func=resolve_reward_func(n)) for n, w in zip(names, weights)]
         if cfg.reward_model_name_or_path:
             path, field = cfg.reward_model_name_or_path, "reward_model_name_or_path"
+            require_scalar_head(path, field)
             model = distributed.wrap(load_scalar_model(path, field, trainable=False), cfg.fsdp, cfg.bf16, frozen=True)
             rm_tokenizer = load_tokenizer(path, field) if _has_tokenizer(path) else tokenizer
             sources.append(RewardSource("reward_model", float(weights[len(names)]), model=model, tokenizer=rm_tokenizer,
                                         path=str(path)))
         if not sources:
             raise UserError("no reward source: set reward_funcs or reward_model_name_or_path")
-        return cls(sources, cfg.reward_clip, tokenizer, on_error=on_error, timeout_s=timeout_s)
+        return cls(sources, cfg.reward_clip, tokenizer, on_error=on_error, timeout_s=timeout_s,
+                   missing_eos_penalty=cfg.missing_eos_penalty)
 
     @property
     def models(self) -> list[torch.nn.Module]:
@@ -350,14 +359,19 @@ class RewardSources:
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], extras: list[dict],
-              raw_prompts: list[str | list[dict]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              raw_prompts: list[str | list[dict]] | None = None,
+              truncated: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B,) total reward and {"rewards/<name>": (B,)} per source (+ "rewards/errors", 0/1 per row, when
         ``on_error`` is a number: its mean is the share of rows some source failed on).
 
         ``prompts`` are the texts rule rewards see; ``raw_prompts`` are the
         rows' own prompts (a string or a list of messages, ``PromptExample.prompt``),
         which reward models need to re-render each row as RM training did.
+        ``truncated`` (B,) bool (``Generation.truncated``; None: all finished)
+        marks completions without EOS: reward models score them without one,
+        and the total of each loses ``missing_eos_penalty``.
         """
+        truncated = torch.zeros(len(completions), dtype=torch.bool) if truncated is None else truncated.bool().cpu()
         parts = {}
         total = torch.zeros(len(completions))
         errors = torch.zeros(len(completions))
@@ -366,20 +380,23 @@ class RewardSources:
                 values, failed = call_reward_func(source, prompts, completions, extras, self.on_error, self.timeout_s)
                 values, failed = torch.tensor(values, dtype=torch.float32), torch.tensor(failed, dtype=torch.bool)
             else:
-                values, failed = self.model_scores(source, raw_prompts, completions)
+                values, failed = self.model_scores(source, raw_prompts, completions, truncated)
             errors = torch.maximum(errors, failed.float())
             parts[f"rewards/{source.name}"] = values
             total += source.weight * values
         if self.clip > 0:
             total = total.clamp(-self.clip, self.clip)
+        if self.missing_eos_penalty:  # after the clip, so a clipped score still pays it (TRL subtracts it last)
+            total = total - self.missing_eos_penalty * truncated.float()
         if self.on_error is not None:
             parts["rewards/errors"] = errors
         return total, parts
 
-    def model_scores(self, source: RewardSource, raw_prompts: list[str | list[dict]] | None,
-                     completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) scores of one reward model on the rendered rows, read at each row's last real token, and (B,)
-        bool: the rows scored ``on_error`` because the call ran past the timeout (all or none)."""
+    def model_scores(self, source: RewardSource, raw_prompts: list[str | list[dict]] | None, completions: list[str],
+                     truncated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) scores of one reward model on the rendered rows (``truncated`` ones without EOS), read at each
+        row's last real token, and (B,) bool: the rows scored ``on_error`` because the call ran past the
+        timeout (all or none)."""
         from posttrain.models import sequence_scores
 
         if raw_prompts is None or len(raw_prompts) != len(completions):
@@ -388,7 +405,8 @@ class RewardSources:
         n = len(completions)
 
         def run() -> torch.Tensor:
-            ids, mask = rendered_sequences(source.tokenizer or self.tokenizer, raw_prompts, completions)
+            ids, mask = rendered_sequences(source.tokenizer or self.tokenizer, raw_prompts, completions,
+                                           None if truncated is None else truncated.tolist())
             device = source.model.device
             return sequence_scores(source.model, ids.to(device), mask.to(device)).float().cpu()
 

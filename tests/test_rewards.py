@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from posttrain.config import load_config
-from posttrain.data import collate_preferences, preference_examples, prompt_examples, read_rows
+from posttrain.data import collate_preferences, encode_prompt, left_pad, preference_examples, prompt_examples, read_rows
 from posttrain.errors import UserError
 from posttrain.models import last_token_index, load_scalar_model, load_tokenizer, sequence_scores
 from posttrain.rewards import BUILTIN, RewardSources, rendered_sequences, resolve_reward_func, think_format
+from posttrain.rollout import generation_from_ids
 from posttrain.tasks.arith import exact_match
 
 TESTS = Path(__file__).resolve().parent
@@ -246,6 +247,68 @@ def test_slow_reward_model_is_reported_not_waited_on(reward_model_dir, on_error)
     assert time.monotonic() - start < 1.5
 
 
+def test_reward_model_scores_are_not_clipped_by_default(reward_model_dir):
+    """TRL does not clip: with reward_clip left at its default (0) a reward model's score reaches the advantages
+    whole, beyond ±3 too."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    prompts, completions = ["12+34=", "5+5=", "99+1=", "hello", "7+8="], ["46", "10", "1000", "<think>hm</think>", "15"]
+    hf = AutoModelForSequenceClassification.from_pretrained(reward_model_dir, num_labels=1).eval()
+    with torch.no_grad():
+        rm = torch.stack([hf(torch.tensor([tokenizer(p + c, add_special_tokens=False)["input_ids"]
+                                           + [tokenizer.eos_token_id]])).logits[0, 0]
+                          for p, c in zip(prompts, completions)])
+    assert rm.abs().max() > 3.0, rm  # a score the old default clip of 3 would have saturated
+    rewards = sources(tokenizer, reward_model_name_or_path=reward_model_dir)
+    assert rewards.clip == 0
+    total, _ = rewards.score(prompts, completions, [{}] * 5, raw_prompts=prompts)
+    torch.testing.assert_close(total, rm, atol=1e-4, rtol=1e-4)
+
+
+def test_truncated_completion_is_scored_as_generated(reward_model_dir):
+    """A completion cut at the length limit (no EOS) is scored on exactly the tokens the policy produced:
+    the prompt as sampled from, then the completion's ids, no EOS and no end of turn appended. A finished
+    row in the same batch keeps the render RM training scores (EOS / ``<|im_end|>\n``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(str(reward_model_dir))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    raw_prompts = ["12+34=", "5+5=", [{"role": "user", "content": "70+81="}], [{"role": "user", "content": "2+2="}]]
+    sampled = ["46", "10", "15", "4"]  # what a policy sampled; rows 0 and 2 hit the limit of 3 tokens
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in sampled]
+    ids = [ids[0] + [ids[0][-1]], ids[1] + [eos], ids[2] + [ids[2][0]], ids[3] + [eos, pad]]
+    completion_ids = torch.tensor([row + [pad] * (3 - len(row)) for row in ids])
+    prompt_ids, prompt_mask = left_pad([encode_prompt(tokenizer, p) for p in raw_prompts], pad)
+    gen = generation_from_ids(prompt_ids, prompt_mask, completion_ids, tokenizer)  # as every rollout engine builds it
+    assert gen.truncated.tolist() == [True, False, True, False]
+    assert gen.completions == ["466", "10", "151", "4"]
+
+    hf = AutoModelForSequenceClassification.from_pretrained(reward_model_dir, num_labels=1).eval()
+    with torch.no_grad():  # by hand: each row's own unpadded tokens (the generated ones for truncated rows)
+        generated = [hf(row[mask.bool()][None]).logits[0, 0] for row, mask in zip(gen.input_ids, gen.attention_mask)]
+    rewards = sources(tokenizer, reward_funcs="", reward_model_name_or_path=reward_model_dir)
+    texts = [p if isinstance(p, str) else tokenizer.decode(encode_prompt(tokenizer, p)) for p in raw_prompts]
+    _, parts = rewards.score(texts, gen.completions, [{}] * 4, raw_prompts=raw_prompts, truncated=gen.truncated)
+    scores = parts["rewards/reward_model"]
+    torch.testing.assert_close(scores[[0, 2]], torch.stack(generated)[[0, 2]], atol=1e-5, rtol=0)
+    _, as_finished = rewards.score(texts, gen.completions, [{}] * 4, raw_prompts=raw_prompts)  # the old scoring
+    assert (scores[[0, 2]] - as_finished["rewards/reward_model"][[0, 2]]).abs().min() > 1e-3  # EOS moved the score
+    torch.testing.assert_close(scores[[1, 3]], as_finished["rewards/reward_model"][[1, 3]])  # finished: unchanged
+    torch.testing.assert_close(scores[1], generated[1], atol=1e-5, rtol=0)  # a text row's EOS is the sampled one
+
+
+def test_missing_eos_penalty_is_subtracted_from_truncated_rows():
+    # exact_match 1, 0, 1 (weight 2 -> 2, 0, 2), clipped to ±1.5 -> 1.5, 0, 1.5; rows 0 and 1 truncated lose 0.25
+    rewards = sources(reward_funcs="exact_match", reward_weights="2", reward_clip=1.5, missing_eos_penalty=0.25)
+    total, parts = rewards.score(["1+1=", "2+2=", "3+3="], ["2", "5", "6"], [{"answer": "2"}, {"answer": "4"}, {"answer": "6"}],
+                                 truncated=torch.tensor([True, True, False]))
+    assert parts["rewards/exact_match"].tolist() == [1.0, 0.0, 1.0]
+    assert total.tolist() == [1.25, -0.25, 1.5]
+    untruncated, _ = rewards.score(["1+1="], ["2"], [{"answer": "2"}])  # no flags: every row finished
+    assert untruncated.tolist() == [1.5]
+
+
 def test_reward_model_without_raw_prompts_is_an_error(reward_model_dir):
     rewards = sources(reward_funcs="", reward_model_name_or_path=reward_model_dir)
     with pytest.raises(ValueError, match="raw_prompts"):
@@ -301,6 +364,49 @@ def test_rl_scoring_reads_the_token_rm_training_reads(tmp_path, reward_model_dir
                              raw_prompts=raw_prompts)
     assert trained_scores.abs().min() > 1e-3 and len(set(trained_scores.tolist())) == 3
     torch.testing.assert_close(parts["rewards/reward_model"], trained_scores, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ the reward model on the command line
+
+
+def test_causal_lm_as_reward_model_is_refused(cli, tiny_qwen, arith_data, tmp_path):
+    """A policy folder given as the reward model would score every completion 0 (its new head starts at zero)."""
+    out = tmp_path / "out"
+    result = cli("grpo", "--model_name_or_path", tiny_qwen, "--dataset_name", arith_data["prompts"],
+                 "--reward_model_name_or_path", tiny_qwen, "--output_dir", out, "--max_steps", "1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"posttrain: error: --reward_model_name_or_path: field 'reward_model_name_or_path': {tiny_qwen} is a causal LM "
+        "(Qwen2ForCausalLM, no scalar score head); train one with `posttrain rm`")
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_reward_model_alone_when_no_reward_funcs_given(cli, stage, tiny_qwen, reward_model_dir, tmp_path):
+    """TRL prompt rows (no `answer`) with a reward model and no reward_funcs: the reward model is the only
+    source (the exact_match default would stop with "field 'answer' is missing"). PPO's critic may still
+    start from a causal LM."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{i}+{i}="} for i in range(8)])
+    out = tmp_path / "out"
+    extra = ["--num_generations", "2"] if stage == "grpo" else ["--critic_model_name_or_path", str(tiny_qwen)]
+    result = cli(stage, "--model_name_or_path", tiny_qwen, "--dataset_name", prompts, "--reward_model_name_or_path",
+                 reward_model_dir, "--output_dir", out, "--max_steps", "1", "--per_device_train_batch_size", "2",
+                 "--max_completion_length", "2", "--progress", "false", *extra)
+    assert result.returncode == 0, result.stderr
+    [record] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [k for k in record if k.startswith("rewards/")] == ["rewards/reward_model"]
+    assert "reward_funcs: []" in (out / "config.yaml").read_text()
+
+
+def test_explicit_reward_funcs_stay_beside_a_reward_model(tmp_path, reward_model_dir):
+    base = {"dataset_name": "unused.jsonl", "reward_model_name_or_path": str(reward_model_dir)}
+    assert load_config("grpo", None, base).reward_funcs == []
+    assert load_config("ppo", None, {**base, "reward_funcs": "exact_match"}).reward_funcs == ["exact_match"]
+    config = tmp_path / "grpo.yaml"
+    config.write_text("reward_funcs: [think_format]\n")
+    assert load_config("grpo", str(config), base).reward_funcs == ["think_format"]
+    assert load_config("grpo", None, {"dataset_name": "unused.jsonl"}).reward_funcs == ["exact_match"]  # no model
 
 
 def test_no_reward_source_is_an_error():

@@ -66,7 +66,8 @@ def make_rollout(cfg, engine, policy, ref, rewards, prompts) -> tuple[GroupRollo
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     texts = [p.prompt_text for p in prompts for _ in range(G)]
     extras = [p.extra for p in prompts for _ in range(G)]
-    scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in prompts for _ in range(G)])
+    scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in prompts for _ in range(G)],
+                                  truncated=gen.truncated)
     scores = scores.to(mask.device)
     # group statistics over the global batch: gather every rank's scores (groups never span ranks), keep ours
     start = distributed.rank() * len(scores)

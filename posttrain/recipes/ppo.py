@@ -106,10 +106,8 @@ def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, 
         with reference_mode(actor, ref) as ref_model:
             ref_logps = token_logps(ref_model, gen.input_ids, gen.attention_mask, T, temperature=cfg.temperature)
     scores, parts = rewards.score([p.prompt_text for p in prompts], gen.completions, [p.extra for p in prompts],
-                                  raw_prompts=[p.prompt for p in prompts])
+                                  raw_prompts=[p.prompt for p in prompts], truncated=gen.truncated)
     scores = scores.to(mask.device)
-    if cfg.missing_eos_penalty:
-        scores = scores - cfg.missing_eos_penalty * gen.truncated.float()
 
     # 3. per-token reward: -β·KL everywhere, the sequence score on the last completion token
     kl = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask

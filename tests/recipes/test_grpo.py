@@ -175,9 +175,9 @@ def test_grpo_rewards_see_whole_groups(tmp_path, tiny_qwen, arith_data, monkeypa
     calls = []
     original = RewardSources.score
 
-    def spy(self, prompts, completions, extras, raw_prompts=None):
+    def spy(self, prompts, completions, extras, **kwargs):
         calls.append((list(prompts), list(completions), [dict(e) for e in extras]))
-        return original(self, prompts, completions, extras, raw_prompts)
+        return original(self, prompts, completions, extras, **kwargs)
 
     monkeypatch.setattr(RewardSources, "score", spy)
     G = 4
@@ -263,6 +263,20 @@ def test_grpo_mask_truncated_completions(tmp_path, no_eos_model, arith_data, mas
     else:
         assert min(series(records, "grad_norm")) > 0
         assert not same_weights(out, no_eos_model)
+
+
+def test_grpo_missing_eos_penalty(tmp_path, tiny_qwen, arith_data):
+    """TRL's missing_eos_penalty: a completion of one token that is not EOS was cut off and loses 10 of its
+    reward; one that is EOS (empty text) keeps it. The reward the advantages see includes the penalty."""
+    records, _ = run_recipe("grpo", tmp_path, **base_fields(tiny_qwen, arith_data, max_steps=1, max_completion_length=1,
+                                                            missing_eos_penalty=10, log_completions=True))
+    rows = read_jsonl(tmp_path / "completions.jsonl")
+    penalties = [ascii_frac([], [r["completion"]])[0] - r["reward"] for r in rows]
+    assert all(p == pytest.approx(10.0 if r["completion"] else 0.0) for p, r in zip(penalties, rows)), penalties
+    assert records[0]["truncated_ratio"] > 0
+    assert sum(p > 5 for p in penalties) / len(rows) == pytest.approx(records[0]["truncated_ratio"])
+    assert records[0]["reward"] == pytest.approx(records[0]["rewards/reward_helpers:ascii_frac"]
+                                                 - 10 * records[0]["truncated_ratio"], abs=1e-5)
 
 
 # ------------------------------------------------------------------ resume

@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from reward_helpers import read_jsonl, run_interrupted, run_recipe, thirds
+from reward_helpers import ascii_frac, read_jsonl, run_interrupted, run_recipe, thirds
 from safetensors.torch import load_file
 
 import posttrain.recipes.ppo as ppo_recipe
@@ -181,6 +181,17 @@ def test_ppo_critic_initialised_from_reward_model(tmp_path, tiny_qwen, arith_dat
         torch.testing.assert_close(state[key], rm_state[key])  # the trained head is kept, not zeroed
     assert summary["model_copies"]["reward_model"] == 1
     assert "rewards/reward_model" in records[-1]
+
+
+def test_ppo_missing_eos_penalty(tmp_path, tiny_qwen, arith_data):
+    """A completion of one token that is not EOS was cut off and loses missing_eos_penalty; an EOS (empty
+    text) keeps its reward."""
+    run_recipe("ppo", tmp_path, **base_fields(tiny_qwen, arith_data, max_steps=1, max_completion_length=1,
+                                              missing_eos_penalty=10, log_completions=True))
+    rows = read_jsonl(tmp_path / "completions.jsonl")
+    penalties = [ascii_frac([], [r["completion"]])[0] - r["reward"] for r in rows]
+    assert all(p == pytest.approx(10.0 if r["completion"] else 0.0) for p, r in zip(penalties, rows)), penalties
+    assert any(p > 5 for p in penalties)
 
 
 # ------------------------------------------------------------------ KL control and early stopping
