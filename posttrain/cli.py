@@ -103,11 +103,13 @@ def _stage_parser(sub, stage: str) -> None:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         # a boolean flag also works bare, as in TRL and the HF Trainer: `--bf16` means `--bf16 true`
-        bare = {"nargs": "?", "const": "true"} if f.type == "bool" else {}
+        nargs = {"nargs": "?", "const": "true"} if f.type == "bool" else {}
+        # a list takes TRL's space-separated values (`--reward_funcs a b`) as well as `a,b` (joined in _split_stage_args)
+        nargs = {"nargs": "+"} if f.type == "list" or f.name in LIST_STRINGS else nargs
         bools.update([f.name] if f.type == "bool" else [])
         also = f" (TRL: {', '.join('--' + a for a in aliases[f.name])})" if f.name in aliases else ""
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.type.upper().split(" ")[0],
-                            help=f"{docs.get(f.name, '')} (default: {default!r}){also}", **bare)
+                            help=f"{docs.get(f.name, '')} (default: {default!r}){also}", **nargs)
     # TRL's names (README, TRL command lines): aliases, and flags posttrain refuses or ignores with a notice;
     # config.load_config reads them, so their values are taken here whatever they are
     for name in trl_flags(stage):
@@ -182,8 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# str fields holding comma-separated names, which TRL's command line takes as a list (`--lora_target_modules q_proj v_proj`)
+LIST_STRINGS = ("lora_target_modules",)
+
+
 def _split_stage_args(args: argparse.Namespace) -> tuple[str | None, dict]:
-    values = dict(vars(args))
+    """(--config file, field -> flag value); the values of a list flag are joined as `a,b`, the form
+    config.coerce reads for list fields and LIST_STRINGS alike."""
+    values = {k: ",".join(v) if isinstance(v, list) else v for k, v in vars(args).items()}
     values.pop("command")
     return values.pop("config", None), values
 

@@ -157,7 +157,11 @@ class SFTConfig(PaddingFreeConfig, TinyModelConfig, CommonConfig):
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""
     completion_only_loss: bool = True
-    """Compute the loss on completion / assistant tokens only (False: on every token); TRL's assistant_only_loss is this field."""
+    """Prompt/completion rows: the loss on the completion tokens only (False: on the prompt tokens too), as in TRL.
+    It does not apply to `messages` rows (see assistant_only_loss)."""
+    assistant_only_loss: bool = True
+    """`messages` rows: the loss on the assistant turns only (False: on every token of the conversation), as in TRL
+    (whose default is False). It does not apply to prompt/completion rows (see completion_only_loss)."""
     eos_token: str = ""
     """A token of the tokenizer's vocabulary to use as its EOS (appended to text completions, saved with the
     tokenizer); empty: the tokenizer's own."""
@@ -593,7 +597,6 @@ TRL_ALIASES: dict = {
     "lr_scheduler_kwargs": ("min_lr_rate", _min_lr_rate, None),
     "lr_scheduler_type": ("lr_scheduler_type", _lr_scheduler_type, None),
     "fsdp": ("fsdp", _fsdp, None),
-    "assistant_only_loss": ("completion_only_loss", None, ("sft",)),
     "scale_rewards": ("scale_rewards", _scale_rewards, ("grpo",)),
     "cliprange": ("epsilon", None, ("ppo",)),
     "response_length": ("max_completion_length", None, ("ppo",)),

@@ -874,6 +874,19 @@ def pack_examples(examples: list[Example], completion_only: bool = True) -> Pack
                        torch.tensor(loss, dtype=torch.float32).unsqueeze(0), row_of_token, cu_seqlens)
 
 
+def sft_response_only(row: Row, completion_only_loss: bool, assistant_only_loss: bool, warn: bool = False) -> bool:
+    """Whether SFT's loss covers the response only, decided as TRL's SFTConfig does for the format of ``row``
+    (a dataset has one format): `messages` rows by assistant_only_loss, prompt/completion rows by
+    completion_only_loss. ``warn``: say so when the other switch was turned off, since it changes nothing."""
+    messages = _sft_format(row) == "messages"
+    unused = ("completion_only_loss", completion_only_loss, "messages", "assistant_only_loss") if messages else \
+        ("assistant_only_loss", assistant_only_loss, "prompt/completion", "completion_only_loss")
+    if warn and not unused[1]:
+        _warn(f"{_file_of(row.source)}: {unused[0]} false changes nothing for {unused[2]} rows, whose loss mask "
+              f"{unused[3]} sets (as in TRL)")
+    return assistant_only_loss if messages else completion_only_loss
+
+
 def collate_examples(examples: list[Example], pad_id: int, completion_only: bool = True,
                      padding_free: bool = False) -> TokenBatch | PackedBatch:
     """Right-padded batch. completion_only: loss on the (weighted) response tokens only;

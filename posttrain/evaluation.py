@@ -32,7 +32,16 @@ from collections.abc import Callable
 import torch
 
 from posttrain import distributed
-from posttrain.data import collate_examples, collate_preferences, eval_rows, preference_examples, prompt_examples, read_rows, sft_examples
+from posttrain.data import (
+    collate_examples,
+    collate_preferences,
+    eval_rows,
+    preference_examples,
+    prompt_examples,
+    read_rows,
+    sft_examples,
+    sft_response_only,
+)
 from posttrain.errors import UserError
 from posttrain.losses import masked_sum
 from posttrain.models import load_causal_lm, load_tokenizer, token_logps
@@ -224,6 +233,7 @@ def sft_evaluation(cfg, model, tokenizer, loss_fn: Callable, max_new_tokens: int
         raise UserError(f"{rows[0].source}: held-out SFT rows need 'messages', 'prompt' and 'completion' (loss), "
                         "or 'prompt' and 'answer' (accuracy)")
     examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length) if scored else []
+    response_only = sft_response_only(rows[0], cfg.completion_only_loss, cfg.assistant_only_loss)
 
     def evaluate() -> dict:
         out = probe() if probe is not None else {}
@@ -233,7 +243,7 @@ def sft_evaluation(cfg, model, tokenizer, loss_fn: Callable, max_new_tokens: int
         with _eval_mode(model, seed=cfg.seed):
             for indices, counted in _rank_batches(len(examples), cfg.per_device_train_batch_size):
                 batch = collate_examples([examples[i] for i in indices], tokenizer.pad_token_id,
-                                         cfg.completion_only_loss).to(distributed.device())
+                                         response_only).to(distributed.device())
                 with autocast(cfg.bf16):
                     loss, _ = loss_fn(batch)
                 n = batch.loss_mask.sum() * counted

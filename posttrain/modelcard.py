@@ -22,7 +22,7 @@ COMMON_FIELDS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_d
                  "gradient_accumulation_steps", "num_train_epochs", "max_steps", "max_length", "max_prompt_length",
                  "max_grad_norm", "seed", "bf16")
 STAGE_FIELDS = {
-    "sft": ("completion_only_loss",),
+    "sft": ("completion_only_loss", "assistant_only_loss"),
     "rm": ("center_rewards_coefficient", "eval_split"),
     "dpo": ("beta", "loss_type", "label_smoothing", "logps_normalization", "rpo_alpha", "precompute_ref_log_probs"),
     "ppo": ("kl_coef", "kl_estimator", "target_kl_coef", "num_ppo_epochs", "num_mini_batches", "epsilon",

@@ -380,3 +380,59 @@ def test_boolean_flags_work_bare_and_with_a_value():
     assert cfg.bf16 and cfg.gradient_checkpointing and cfg.precompute_ref_log_probs and cfg.beta == 0.2
     assert not parsed("--bf16", "false").bf16
     assert parsed("--use_peft", "true").use_peft
+
+
+def parse_flags(stage: str, *argv: str):
+    """A stage's config from a command line, through the CLI's own parser (nothing runs)."""
+    from posttrain.cli import _split_stage_args, build_parser
+
+    args, extras = build_parser().parse_known_args([stage, "--dataset_name", "x.jsonl", *argv])
+    assert not extras, extras
+    config_file, overrides = _split_stage_args(args)
+    return load_config(stage, config_file, overrides)
+
+
+@pytest.mark.parametrize("argv,field,value", [
+    # TRL's list syntax: space-separated values
+    (["--lora_target_modules", "q_proj", "v_proj"], "lora_target_modules", "q_proj,v_proj"),
+    (["--reward_funcs", "exact_match", "think_format"], "reward_funcs", ["exact_match", "think_format"]),
+    (["--reward_funcs", "exact_match", "think_format", "--reward_weights", "1", "0.5"], "reward_weights", [1.0, 0.5]),
+    (["--reward_funcs", "exact_match", "think_format", "--reward_weights", "1", "-0.5"], "reward_weights", [1.0, -0.5]),
+    (["--report_to", "none"], "report_to", ["none"]),
+    (["--report_to", "none", "jsonl"], "report_to", ["none", "jsonl"]),
+    # posttrain's comma-separated form still works, also mixed with spaces
+    (["--lora_target_modules", "q_proj,v_proj"], "lora_target_modules", "q_proj,v_proj"),
+    (["--reward_funcs", "exact_match,think_format"], "reward_funcs", ["exact_match", "think_format"]),
+    (["--reward_funcs", "exact_match,think_format", "accuracy_reward"], "reward_funcs",
+     ["exact_match", "think_format", "accuracy_reward"]),
+    (["--reward_funcs", ""], "reward_funcs", []),
+    (["--lora_target_modules", "all-linear", "--lora_r", "4"], "lora_target_modules", "all-linear"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) and v and str(v[0]).startswith("--") else None)
+def test_list_flags_take_space_separated_values(argv, field, value):
+    cfg = parse_flags("grpo", *argv)
+    assert getattr(cfg, field) == value
+    if "--lora_r" in argv:
+        assert cfg.lora_r == 4  # the next flag ends the list
+
+
+def test_yaml_lists_still_work(tmp_path):
+    path = write_yaml(tmp_path / "g.yaml", "reward_funcs: [exact_match, think_format]\nreward_weights: [1, 0.5]\n"
+                                           "lora_target_modules: q_proj,v_proj\n")
+    cfg = load_config("grpo", path, dict(DATA))
+    assert (cfg.reward_funcs, cfg.reward_weights, cfg.lora_target_modules) == \
+        (["exact_match", "think_format"], [1.0, 0.5], "q_proj,v_proj")
+
+
+def test_space_separated_lists_in_a_real_run(cli, tmp_path, tiny_qwen, arith_data):
+    out = tmp_path / "out"
+    proc = cli("grpo", "--model_name_or_path", tiny_qwen, "--dataset_name", arith_data["prompts"], "--output_dir", out,
+               "--reward_funcs", "exact_match", "think_format", "--reward_weights", "1", "0.5", "--use_peft",
+               "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "4", "--report_to", "none",
+               "--per_device_train_batch_size", "2", "--num_generations", "2", "--max_completion_length", "4",
+               "--max_steps", "1", "--progress", "false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = (out / "config.yaml").read_text()
+    assert "- exact_match\n- think_format\n" in saved and "- 1.0\n- 0.5\n" in saved
+    assert "lora_target_modules: q_proj,v_proj" in saved
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]

@@ -126,7 +126,6 @@ def test_refused_doc_flags_say_what_to_use(stage, flag, value, instead, capsys):
     ("ppo", ["--reward_model_path", "r"], "reward_model_name_or_path", "r"),
     ("ppo", ["--exp_name", "run7"], "run_name", "run7"),
     ("sft", ["--torch_dtype", "bfloat16"], "dtype", "bfloat16"),
-    ("sft", ["--assistant_only_loss", "false"], "completion_only_loss", False),
     ("sft", ["--disable_tqdm"], "progress", False),
     ("sft", ["--disable_tqdm", "false"], "progress", True),
     ("sft", ["--activation_checkpointing"], "gradient_checkpointing", True),

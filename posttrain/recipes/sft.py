@@ -5,12 +5,13 @@
 
 The loss is the mean over response tokens of the whole micro-batch (every
 token weighs the same, as in TRL's SFTTrainer), not a mean of per-sequence
-means. ``completion_only_loss: false`` trains on the prompt tokens too.
+means. As in TRL, ``completion_only_loss: false`` trains the prompt tokens of prompt/completion rows too, and
+``assistant_only_loss: false`` every turn of `messages` rows.
 """
 
 from __future__ import annotations
 
-from posttrain.data import collate_examples, sft_examples, train_rows
+from posttrain.data import collate_examples, sft_examples, sft_response_only, train_rows
 from posttrain.evaluation import sft_evaluation
 from posttrain.losses import masked_mean
 from posttrain.models import load_causal_lm, load_options, load_tokenizer, prepare_for_training, prepare_model, token_logps
@@ -49,10 +50,10 @@ def main(cfg) -> None:
     # 2. tokenise once; batches are collated on the fly with dynamic padding (or packed: padding_free)
     examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
     lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in examples]
+    response_only = sft_response_only(rows[0], cfg.completion_only_loss, cfg.assistant_only_loss, warn=True)
 
     def make_batch(indices):
-        return collate_examples([examples[i] for i in indices], tokenizer.pad_token_id, cfg.completion_only_loss,
-                                cfg.padding_free)
+        return collate_examples([examples[i] for i in indices], tokenizer.pad_token_id, response_only, cfg.padding_free)
 
     evaluate = sft_evaluation(cfg, model, tokenizer, lambda batch: sft_loss(model, batch))  # held-out loss, accuracy
 

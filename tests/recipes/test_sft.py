@@ -233,6 +233,32 @@ def test_sft_completion_only_loss_excludes_prompt_tokens(tmp_path, tiny_qwen, ar
     assert abs(losses[True] - losses[False]) > 1e-4
 
 
+def test_assistant_only_loss_false_keeps_prompt_completion_rows_completion_only(tmp_path, tiny_qwen, arith_data, capsys):
+    """TRL's assistant_only_loss is about `messages` rows; on prompt/completion rows (TRL's default, False)
+    the loss stays on the completion, as completion_only_loss (None: True for this format) has it in TRL."""
+    rows = first_rows(arith_data["sft"], 8)
+    data = write_jsonl(tmp_path / "eight.jsonl", rows)
+    records = run_sft(tmp_path / "out", tiny_qwen, data, assistant_only_loss="false", max_steps=1, logging_steps=1,
+                      per_device_train_batch_size=8)
+    assert records[0]["loss"] == pytest.approx(expected_first_loss(tiny_qwen, rows, completion_only=True), abs=1e-5)
+    assert "assistant_only_loss false changes nothing for prompt/completion rows" in capsys.readouterr().err
+
+
+def test_messages_rows_follow_assistant_only_loss(tmp_path, tiny_qwen, capsys):
+    """`messages` rows: assistant_only_loss false trains every token of the chat (TRL's language-modelling
+    case); completion_only_loss does not apply to them (TRL ignores it there)."""
+    chats = [{"messages": [{"role": "user", "content": f"{i}+{i}="}, {"role": "assistant", "content": str(2 * i)}]}
+             for i in range(1, 9)]
+    data = write_jsonl(tmp_path / "chat.jsonl", chats)
+    counts = {}
+    for name, flags in {"default": {}, "all": {"assistant_only_loss": "false"}, "completion": {"completion_only_loss": "false"}}.items():
+        records = run_sft(tmp_path / name, tiny_qwen, data, max_steps=1, logging_steps=1, per_device_train_batch_size=8,
+                          **flags)
+        counts[name] = records[0]["num_tokens"]
+    assert counts["all"] > counts["default"] == counts["completion"]
+    assert "completion_only_loss false changes nothing for messages rows" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------ gradient accumulation
 
 
