@@ -688,6 +688,7 @@ TRL_UNSUPPORTED: dict = {
     "lora_target_parameters": ((), "use lora_target_modules"), "lora_task_type": (ANY, "posttrain picks it per stage"),
     "dataset_streaming": ((False,), "posttrain reads local files whole"),
     "datasets": ((), "give one local file or datasets folder as dataset_name"),
+    "dataset_text_field": (("text",), "plain-text rows are posttrain sft's; rm and dpo read chosen / rejected, ppo and grpo prompt"),
     "dataset_kwargs": ((), _NO), "dataset_num_proc": (ANY, _LOADER), "ignore_bias_buffers": (ANY, _DDP),
     "shuffle_dataset": ((True,), "posttrain always shuffles, in seed"),
     # SFT, DPO, reward

@@ -223,7 +223,7 @@ def _layout(path: str, field: str = "dataset_name", config: str = "") -> tuple[d
     folders = [q.name for q in sorted(p.iterdir()) if q.is_dir() and q.name != "data"
                and not q.name.startswith((".", "_")) and _data_files(q)] if not found else []
     if folders:
-        name = _pick_config(folders, None, config, path, field)
+        name = _pick_config(folders, "default" if "default" in folders else None, config, path, field)
         return _files_layout(_data_files(p / name), str(p / name), field)
     return _files_layout(found, path, field)
 

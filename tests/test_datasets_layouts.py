@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -418,7 +419,9 @@ def test_sft_recipe_trains_on_a_text_column(tmp_path, tiny_qwen, tok):
     from posttrain.metrics import read_metrics
     from posttrain.recipes import sft
 
-    data = parquet(tmp_path / "texts.parquet", TEXTS)
+    data = tmp_path / "texts"  # one config folder, its test split held out
+    parquet(data / "plain_text" / "train-00000-of-00001.parquet", TEXTS)
+    parquet(data / "plain_text" / "test-00000-of-00001.parquet", TEXTS[:2])
     cfg = load_config("sft", None, {"model_name_or_path": str(tiny_qwen), "dataset_name": str(data),
                                     "output_dir": str(tmp_path / "out"), "dataset_text_field": "content",
                                     "per_device_train_batch_size": "6", "max_steps": "1", "logging_steps": "1",
@@ -426,6 +429,7 @@ def test_sft_recipe_trains_on_a_text_column(tmp_path, tiny_qwen, tok):
     sft.main(cfg)
     [record] = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert record["num_tokens"] == sum(len(D._ids(tok, r["content"])) for r in TEXTS)  # every token, EOS included
+    assert math.isfinite(record["eval/loss"]) and record["eval/perplexity"] > 1
 
 
 HH = [("\n\nHuman: What is 2+2?\n\nAssistant: 4", "\n\nHuman: What is 2+2?\n\nAssistant: 5"),
@@ -454,3 +458,19 @@ def test_string_pairs_with_the_prompt_inside_split_as_trl_does(tmp_path, tok):
             D.preference_examples(D.read_rows(str(path)), tok, 64, 32)
         assert str(info.value).startswith(f"{path}:1: {message}")
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_rm_and_dpo_train_on_hh_rlhf_pairs(tmp_path, tiny_qwen, stage):
+    import importlib
+
+    from posttrain.metrics import read_metrics
+
+    data = parquet(tmp_path / "hh" / "data" / "train-00000-of-00001.parquet", [{"chosen": c, "rejected": r} for c, r in HH])
+    cfg = load_config(stage, None, {"model_name_or_path": str(tiny_qwen), "dataset_name": str(data.parent.parent),
+                                    "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": "3",
+                                    "max_steps": "1", "logging_steps": "1", "eval_strategy": "no", "progress": "false",
+                                    "num_threads": "1"}, check_paths=True)
+    importlib.import_module(f"posttrain.recipes.{stage}").main(cfg)
+    [record] = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert math.isfinite(record["loss"])
