@@ -31,9 +31,14 @@ class CommonConfig:
     """Local Hugging Face model folder, or `tiny` to build the embedded tiny Qwen2 model."""
     dataset_name: str = ""
     """Training data: a local .jsonl, .jsonl.gz, .json, .parquet or .csv file, a folder holding one, a datasets
-    save_to_disk folder, or a hub snapshot folder with files named by split (data/train-00000-of-00003.parquet)."""
+    save_to_disk folder, or a hub snapshot folder: files named by split (data/train-00000-of-00003.parquet), one
+    folder of those per config (main/, socratic/), or configs and splits listed in its README.md `configs:` block."""
+    dataset_config: str = ""
+    """The config of a hub snapshot folder that has several (gsm8k: main | socratic), for dataset_name and
+    eval_dataset_name; empty: the folder's only (or default) config. Sources without configs ignore it."""
     dataset_train_split: str = "train"
-    """The split of dataset_name to train on, when it is a DatasetDict or hub snapshot folder."""
+    """The split of dataset_name to train on (any split it has: train_sft, test_prefs, ...), when it is a
+    DatasetDict or hub snapshot folder."""
     dataset_test_split: str = "test"
     """The split evaluated: of eval_dataset_name, or of dataset_name when eval_dataset_name is empty and it has one."""
     eval_strategy: str = "steps"
@@ -162,6 +167,9 @@ class SFTConfig(PaddingFreeConfig, TinyModelConfig, CommonConfig):
     assistant_only_loss: bool = True
     """`messages` rows: the loss on the assistant turns only (False: on every token of the conversation), as in TRL
     (whose default is False). It does not apply to prompt/completion rows (see completion_only_loss)."""
+    dataset_text_field: str = "text"
+    """The column of plain-text rows (no messages, prompt or completion): language modelling, the loss on every
+    token, EOS appended."""
     eos_token: str = ""
     """A token of the tokenizer's vocabulary to use as its EOS (appended to text completions, saved with the
     tokenizer); empty: the tokenizer's own."""
@@ -687,10 +695,9 @@ TRL_UNSUPPORTED: dict = {
     "use_bnb_nested_quant": ((False,), _QUANT), "bnb_4bit_quant_storage": (ANY, _QUANT),
     "use_rslora": ((False,), _NO), "use_dora": ((False,), _NO), "lora_modules_to_save": ((), _NO),
     "lora_target_parameters": ((), "use lora_target_modules"), "lora_task_type": (ANY, "posttrain picks it per stage"),
-    "dataset_config": ((), "give a local file or a datasets folder as dataset_name (dataset_train_split picks a split)"),
     "dataset_streaming": ((False,), "posttrain reads local files whole"),
     "datasets": ((), "give one local file or datasets folder as dataset_name"),
-    "dataset_text_field": ((), "posttrain sft reads `messages` or `prompt` / `completion` rows"),
+    "dataset_text_field": (("text",), "plain-text rows are posttrain sft's; rm and dpo read chosen / rejected, ppo and grpo prompt"),
     "dataset_kwargs": ((), _NO), "dataset_num_proc": (ANY, _LOADER), "ignore_bias_buffers": (ANY, _DDP),
     "shuffle_dataset": ((True,), "posttrain always shuffles, in seed"),
     # SFT, DPO, reward
@@ -1025,7 +1032,7 @@ def _check_paths(cfg, sources: dict | None) -> None:
             from posttrain.data import split_files
 
             split = cfg.dataset_train_split if name == "dataset_name" else cfg.dataset_test_split
-            split_files(path, split, _field(name, sources))  # a folder's layout and split, before any model loads
+            split_files(path, split, _field(name, sources), cfg.dataset_config)  # layout, config, split, before any model loads
     out = Path(cfg.output_dir)
     if not cfg.output_dir.strip():
         raise UserError(f"{_field('output_dir', sources)} is empty")

@@ -3,11 +3,15 @@
 Formats (DESIGN.md §3), one JSON object per row, from .jsonl, .jsonl.gz, .json, .parquet
 or .csv files (CSV values are strings, so chat messages cannot be CSV), a folder holding one,
 a ``datasets`` save_to_disk folder (Dataset, or DatasetDict with one split chosen), or a hub
-snapshot whose files are named by split (``data/train-00000-of-00003.parquet``, ...):
+snapshot: files named by split under any split name (``data/train_sft-00000-of-00003.parquet``),
+one folder of those per config (gsm8k's ``main/``), or the configs and splits of its README.md
+``configs:`` block, as ``datasets.load_dataset`` reads them (``dataset_config`` picks one):
 
-- SFT:        {"messages": [...]} or {"prompt": str|messages, "completion": str|messages}
-- preference: {"prompt", "chosen", "rejected"}, or {"chosen": [user, assistant],
-              "rejected": [user, assistant]} whose shared leading turns are the prompt
+- SFT:        {"messages": [...]}, {"prompt": str|messages, "completion": str|messages}, or
+              {"text": str} (``dataset_text_field``: language modelling, every token trained)
+- preference: {"prompt", "chosen", "rejected"}, or {"chosen", "rejected"} alone whose longest
+              common prefix is the prompt: shared leading turns of conversations, shared
+              leading text of strings (hh-rlhf; TRL's ``extract_prompt``)
 - prompts:    {"prompt": str|messages, ...extra fields passed to reward functions}
 
 A bare string prompt is used as is (it may already carry a chat template); a
@@ -89,19 +93,111 @@ def _suffix(p: Path) -> str:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if p.name.endswith(s)), "")
 
 
+def _stem(p: Path) -> str:
+    """A data file's name without its data suffix (data/test-00001-of-00003.parquet -> test-00001-of-00003)."""
+    return p.name[:len(p.name) - len(_suffix(p))]
+
+
 def _split_of(p: Path) -> str:
     """A hub file's split: its name before the shard suffix and the data suffix (data/test-00001-of-00003.parquet -> test)."""
-    return _SHARD.sub("", p.name[:len(p.name) - len(_suffix(p))]).split(".")[0]
+    return _SHARD.sub("", _stem(p)).split(".")[0]
 
 
-def _layout(path: str, field: str = "dataset_name") -> tuple[dict[str, list[Path]], bool]:
+def _data_files(folder: Path) -> list[Path]:
+    """The data files of a folder and of its ``data/`` (names starting with . or _ are not data)."""
+    return sorted(q for f in (folder, folder / "data") if f.is_dir() for q in f.iterdir()
+                  if q.is_file() and _suffix(q) and not q.name.startswith((".", "_")))
+
+
+def _files_layout(found: list[Path], path: str, field: str) -> tuple[dict[str, list[Path]], bool]:
+    """Data files as splits: one file is one dataset; several are named by split, as the hub names them
+    (train.jsonl, data/train_sft-00000-of-00003.parquet: any split name before the shard suffix)."""
+    if len(found) == 1:
+        return {"train": found}, False
+    splits: dict[str, list[Path]] = {}
+    for q in found:
+        splits.setdefault(_split_of(q), []).append(q)
+    if not ({"train", "test", "validation"} & set(splits) or any(_SHARD.search(_stem(q)) for q in found)):
+        names = ", ".join(q.name for q in found[:6]) or "none"
+        raise UserError(f"{field}: folder {path!r} must hold exactly one data file (.jsonl, .jsonl.gz, .json, .parquet, "
+                        f".csv), data files named by split (train.jsonl, data/train-00000-of-00003.parquet), config "
+                        f"folders of those (main/train-00000-of-00001.parquet) or a datasets save_to_disk dataset; found {names}")
+    return splits, True
+
+
+def _pick_config(names: list[str], default: str | None, config: str, path: str, field: str) -> str:
+    """The config to read: ``config`` (dataset_config) when given, else the only one, else the default one."""
+    if config:
+        if config not in names:
+            raise UserError(f"{field}: dataset_config {config!r} is not a config of {path} (configs: {', '.join(names)})")
+        return config
+    if len(names) == 1 or default:
+        return default or names[0]
+    raise UserError(f"{field}: {path} holds several configs ({', '.join(names)}); choose one with dataset_config")
+
+
+def _card_configs(p: Path, field: str) -> dict[str, dict] | None:
+    """The ``configs:`` block of a hub snapshot's README.md front matter: config name -> its YAML mapping
+    (data_files, data_dir, default), as ``datasets.load_dataset`` reads it; None without one."""
+    card = p / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff")
+    match = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.S)
+    if not match:
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as err:
+        raise UserError(f"{field}: {card}: the front matter is not valid YAML ({_one_line(str(err), 120)})") from None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if configs is None:
+        return None
+    if not isinstance(configs, list) or not all(isinstance(c, dict) and isinstance(c.get("config_name"), str)
+                                                for c in configs):
+        raise UserError(f"{field}: {card}: `configs` must be a list of mappings, each with a `config_name`")
+    return {c["config_name"]: c for c in configs}
+
+
+def _card_splits(p: Path, name: str, spec: dict, field: str) -> tuple[dict[str, list[Path]], bool]:
+    """One README.md config's splits: its data_files patterns (a pattern, a list of them, or a list of
+    {split, path}; no split means train) globbed relative to the snapshot root (or its data_dir), or,
+    with data_dir alone, that folder's files named by split."""
+    base = p / str(spec.get("data_dir") or "")
+    data_files = spec.get("data_files")
+    where = f"{field}: {p / 'README.md'}: config {name!r}"
+    if data_files is None:
+        return _files_layout(_data_files(base), str(base), field)
+    if isinstance(data_files, (str, dict)) or (isinstance(data_files, list) and not any(isinstance(d, dict) for d in data_files)):
+        entries = data_files.items() if isinstance(data_files, dict) else [("train", data_files)]
+    elif all(isinstance(d, dict) and "split" in d and isinstance(d.get("path"), (str, list)) for d in data_files):
+        entries = [(d["split"], d["path"]) for d in data_files]
+    else:
+        raise UserError(f"{where}: data_files must be a path pattern, a list of them, or a list of {{split, path}}")
+    splits: dict[str, list[Path]] = {}
+    for split, patterns in entries:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            matched = sorted(q for q in base.glob(str(pattern)) if q.is_file() and _suffix(q)) if pattern else []
+            if not matched:
+                raise UserError(f"{where}: split {split!r} path {pattern!r} matches no .jsonl, .jsonl.gz, .json, .parquet "
+                                f"or .csv file under {base}")
+            splits.setdefault(str(split), []).extend(q for q in matched if q not in splits.get(str(split), []))
+    return splits, True
+
+
+def _layout(path: str, field: str = "dataset_name", config: str = "") -> tuple[dict[str, list[Path]], bool]:
     """The splits of a dataset source, each as its files (a save_to_disk folder as itself), and whether
     the source is named by split (False: one dataset, whatever split is asked for).
 
     A file is one dataset. A folder is, in this order: a ``DatasetDict.save_to_disk`` folder
     (dataset_dict.json; one sub-folder per split), a ``Dataset.save_to_disk`` folder (state.json), a
-    folder holding exactly one data file, or a hub snapshot whose data files, in the folder or its
-    ``data/``, are named by split (train.jsonl, data/train-00000-of-00003.parquet, ...).
+    hub snapshot whose README.md ``configs:`` block names its configs and their splits' files, a folder
+    holding exactly one data file, a hub snapshot whose data files, in the folder or its ``data/``, are
+    named by split (train.jsonl, data/train_sft-00000-of-00003.parquet, ...), or a hub snapshot with one
+    such folder per config (gsm8k's main/ and socratic/). ``config`` (dataset_config) picks the config;
+    without it a source's only (or default) config is read. A source without configs ignores it.
     """
     p = Path(path)
     if p.is_file():
@@ -118,24 +214,23 @@ def _layout(path: str, field: str = "dataset_name") -> tuple[dict[str, list[Path
         return {str(name): [p / str(name)] for name in names}, True
     if (p / "state.json").is_file():
         return {"train": [p]}, False
-    found = sorted(q for folder in (p, p / "data") if folder.is_dir() for q in folder.iterdir()
-                   if q.is_file() and _suffix(q) and not q.name.startswith((".", "_")))
-    if len(found) == 1:
-        return {"train": found}, False
-    splits: dict[str, list[Path]] = {}
-    for q in found:
-        splits.setdefault(_split_of(q), []).append(q)
-    if not {"train", "test", "validation"} & set(splits):
-        names = ", ".join(q.name for q in found[:6]) or "none"
-        raise UserError(f"{field}: folder {path!r} must hold exactly one data file (.jsonl, .jsonl.gz, .json, .parquet, "
-                        f".csv), data files named by split (train.jsonl, data/train-00000-of-00003.parquet) or a "
-                        f"datasets save_to_disk dataset; found {names}")
-    return splits, True
+    card = _card_configs(p, field)
+    if card:
+        default = [n for n, c in card.items() if len(card) == 1 or n == "default" or c.get("default") is True]
+        name = _pick_config(list(card), default[0] if len(default) == 1 else None, config, path, field)
+        return _card_splits(p, name, card[name], field)
+    found = _data_files(p)
+    folders = [q.name for q in sorted(p.iterdir()) if q.is_dir() and q.name != "data"
+               and not q.name.startswith((".", "_")) and _data_files(q)] if not found else []
+    if folders:
+        name = _pick_config(folders, "default" if "default" in folders else None, config, path, field)
+        return _files_layout(_data_files(p / name), str(p / name), field)
+    return _files_layout(found, path, field)
 
 
-def split_files(path: str, split: str = "train", field: str = "dataset_name") -> list[Path]:
+def split_files(path: str, split: str = "train", field: str = "dataset_name", config: str = "") -> list[Path]:
     """The files of one split of a source (a source of one dataset is that split, whatever its name)."""
-    splits, named = _layout(path, field)
+    splits, named = _layout(path, field, config)
     if not named:
         return splits["train"]
     if split not in splits:
@@ -143,10 +238,10 @@ def split_files(path: str, split: str = "train", field: str = "dataset_name") ->
     return splits[split]
 
 
-def has_split(path: str, split: str) -> bool:
+def has_split(path: str, split: str, config: str = "") -> bool:
     """Whether a source named by split (a DatasetDict or hub folder) holds ``split``; never a single dataset."""
     try:
-        splits, named = _layout(path)
+        splits, named = _layout(path, config=config)
     except UserError:
         return False
     return named and split in splits
@@ -241,15 +336,15 @@ def _check_surrogates(row: Row) -> None:
                             "\\ud800-\\udfff escape), which no tokenizer can encode")
 
 
-def read_rows(path: str, field: str = "dataset_name", split: str = "train") -> list[Row]:
-    """Every row of a dataset source (a file, or one ``split`` of a folder: see ``_layout``) with its
+def read_rows(path: str, field: str = "dataset_name", split: str = "train", config: str = "") -> list[Row]:
+    """Every row of a dataset source (a file, or one ``split`` of a folder's ``config``: see ``_layout``) with its
     file:line (``file:row N`` for .json, .parquet and save_to_disk rows).
 
     Bad bytes, invalid or too deeply nested JSON, lone surrogates, a .json file that is not a
     list and rows that are not objects are UserErrors naming file:line; a leading UTF-8
     byte-order mark is dropped.
     """
-    files = split_files(path, split, field)
+    files = split_files(path, split, field, config)
     rows = [row for p in files for row in _file_rows(p)]
     if not rows:
         raise UserError(f"{files[0] if len(files) == 1 else path}: no rows (the file is empty or holds only blank lines)")
@@ -260,8 +355,8 @@ def read_rows(path: str, field: str = "dataset_name", split: str = "train") -> l
 
 
 def train_rows(cfg) -> list[Row]:
-    """The training rows: dataset_name (its dataset_train_split when it is named by split)."""
-    return read_rows(cfg.dataset_name, "dataset_name", cfg.dataset_train_split)
+    """The training rows: dataset_name (its dataset_config's dataset_train_split when it has configs and splits)."""
+    return read_rows(cfg.dataset_name, "dataset_name", cfg.dataset_train_split, cfg.dataset_config)
 
 
 def eval_rows(cfg, always: bool = False) -> list[Row] | None:
@@ -271,9 +366,9 @@ def eval_rows(cfg, always: bool = False) -> list[Row] | None:
     if cfg.eval_strategy == "no" and not always:
         return None
     if getattr(cfg, "eval_dataset_name", ""):
-        return read_rows(cfg.eval_dataset_name, "eval_dataset_name", cfg.dataset_test_split)
-    if has_split(cfg.dataset_name, cfg.dataset_test_split):
-        return read_rows(cfg.dataset_name, "dataset_name", cfg.dataset_test_split)
+        return read_rows(cfg.eval_dataset_name, "eval_dataset_name", cfg.dataset_test_split, cfg.dataset_config)
+    if has_split(cfg.dataset_name, cfg.dataset_test_split, cfg.dataset_config):
+        return read_rows(cfg.dataset_name, "dataset_name", cfg.dataset_test_split, cfg.dataset_config)
     return None
 
 
@@ -597,31 +692,51 @@ def _warn_long_prompts(rows: list[Row], prompt_lengths: list[int], max_prompt_le
                   f"tokens and keep their last {max_prompt_length}")
 
 
-def _sft_format(row: Row) -> str | None:
-    """'messages' or 'prompt/completion' (None: neither). A None value counts as absent where the
-    other format's fields are there: a parquet file has every column in every row."""
+def _sft_format(row: Row, text_field: str = "text") -> str | None:
+    """'messages', 'prompt/completion' or 'text' (a plain-text row in ``text_field``; None: none of them).
+    A None value counts as absent where another format's fields are there: a parquet file has every
+    column in every row."""
     data = row.data
-    if data.get("messages") is not None or ("messages" in data and "prompt" not in data and "completion" not in data):
+    if data.get("messages") is not None:
         return "messages"
-    if "prompt" in data or "completion" in data:
+    if data.get("prompt") is not None or data.get("completion") is not None:
         return "prompt/completion"
+    if data.get(text_field) is not None:
+        return "text"
+    for kind, keys in (("prompt/completion", ("prompt", "completion")), ("messages", ("messages",)), ("text", (text_field,))):
+        if any(key in data for key in keys):
+            return kind
     return None
 
 
-def sft_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int) -> list[Example]:
+def text_example(row: Row, tokenizer, text_field: str = "text") -> Example:
+    """A plain-text row, as TRL's language-modelling format: no prompt, every token trained, EOS appended
+    (unless the text already ends with it)."""
+    text = row.data[text_field]
+    if not isinstance(text, str):
+        raise UserError(f"{row.source}: field {text_field!r} must be a string, got {_json_type(text)}")
+    if not text.strip():
+        raise UserError(f"{row.source}: field {text_field!r} is {'an empty string' if not text else 'only whitespace'}")
+    ids = _ids(tokenizer, text)
+    return Example([], ids if ids[-1:] == [tokenizer.eos_token_id] else ids + [tokenizer.eos_token_id])
+
+
+def sft_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int,
+                 text_field: str = "text") -> list[Example]:
     out, prompt_lengths = [], []
     warned = False  # the final-turn fallback is announced once per dataset, not per row
     first: Row | None = None  # the first row, whose format every row must share
     try:  # values nested nearly as deep as json allows overflow the stack when compared
         for row in rows:
-            kind = _sft_format(row)
+            kind = _sft_format(row, text_field)
             if kind is None:
-                raise UserError(f"{row.source}: an SFT row needs 'messages' or 'prompt' and 'completion'")
+                raise UserError(f"{row.source}: an SFT row needs 'messages', 'prompt' and 'completion', or a "
+                                f"plain-text {text_field!r} field (dataset_text_field)")
             if first is None:
                 first = row
-            elif kind != _sft_format(first):
+            elif kind != _sft_format(first, text_field):
                 raise UserError(f"{row.source}: mixed row formats: this row has {kind!r} fields but the first row "
-                                f"({first.source}) has {_sft_format(first)!r}; use one format per SFT dataset")
+                                f"({first.source}) has {_sft_format(first, text_field)!r}; use one format per SFT dataset")
             if kind == "messages":
                 example, final_turn_only = messages_example(row, tokenizer)
                 if final_turn_only and not warned:
@@ -629,6 +744,8 @@ def sft_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length:
                           "(e.g. drops their <think> blocks), so multi-turn rows of this dataset train only on "
                           "their final assistant turn")
                     warned = True
+            elif kind == "text":
+                example = text_example(row, tokenizer, text_field)
             else:
                 prompt, completion = _need(row, "prompt"), _need(row, "completion")
                 _check_text_or_messages(row, "prompt", prompt)
@@ -653,21 +770,27 @@ class PreferenceExample:
     margin: float = 0.0
 
 
-def split_shared_prefix(row: Row) -> tuple[list, list, list]:
-    """Conversations without a `prompt`: the leading turns both share are the prompt."""
+def split_shared_prefix(row: Row) -> tuple:
+    """A pair without a `prompt` (TRL's implicit prompt): the longest common prefix of chosen and rejected is
+    the prompt, and the rest of each is its response. Conversations split between turns; strings (hh-rlhf's
+    "\\n\\nHuman: ...\\n\\nAssistant: ...") at the first differing character, less a space just before
+    it, which stays with the responses: trl.data_utils.extract_prompt's rule."""
     chosen, rejected = row.data["chosen"], row.data["rejected"]
+    unit = "character" if isinstance(chosen, str) else "turn"
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    if n == 0:
-        raise UserError(f"{row.source}: 'chosen' and 'rejected' share no leading turn and there is no 'prompt'")
     if n == len(chosen) and n == len(rejected):
-        raise UserError(f"{row.source}: 'chosen' and 'rejected' are identical, so no differing turn splits off "
+        raise UserError(f"{row.source}: 'chosen' and 'rejected' are identical, so no differing {unit} splits off "
                         "the prompt (and the pair carries no preference signal)")
     if n == len(chosen) or n == len(rejected):
         short, other = ("chosen", "rejected") if n == len(chosen) else ("rejected", "chosen")
-        raise UserError(f"{row.source}: {short!r} is the start of {other!r}, with no turn of its own after "
-                        "the shared leading turns")
+        raise UserError(f"{row.source}: {short!r} is the start of {other!r}, with no {unit} of its own after "
+                        f"the shared leading {unit}s and there is no 'prompt'")
+    if unit == "character" and n and chosen[n - 1] == " ":
+        n -= 1
+    if n == 0:
+        raise UserError(f"{row.source}: 'chosen' and 'rejected' share no leading {unit} and there is no 'prompt'")
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -698,10 +821,11 @@ def preference_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_
             if "prompt" in row.data:
                 prompt = row.data["prompt"]
                 _check_text_or_messages(row, "prompt", prompt)
-            elif isinstance(chosen, list) and isinstance(rejected, list):
+            elif isinstance(chosen, list) == isinstance(rejected, list):
                 prompt, chosen, rejected = split_shared_prefix(row)
             else:
-                raise UserError(f"{row.source}: missing field 'prompt' (needed when chosen/rejected are strings)")
+                raise UserError(f"{row.source}: missing field 'prompt' (needed when one of chosen/rejected is a string "
+                                "and the other messages)")
             _check_same_kind(row, prompt, "chosen", chosen)
             _check_same_kind(row, prompt, "rejected", rejected)
             margin = _margin(row)
@@ -878,7 +1002,10 @@ def sft_response_only(row: Row, completion_only_loss: bool, assistant_only_loss:
     """Whether SFT's loss covers the response only, decided as TRL's SFTConfig does for the format of ``row``
     (a dataset has one format): `messages` rows by assistant_only_loss, prompt/completion rows by
     completion_only_loss. ``warn``: say so when the other switch was turned off, since it changes nothing."""
-    messages = _sft_format(row) == "messages"
+    kind = _sft_format(row)
+    if kind not in ("messages", "prompt/completion"):
+        return True  # plain-text rows have no prompt: every token is trained either way
+    messages = kind == "messages"
     unused = ("completion_only_loss", completion_only_loss, "messages", "assistant_only_loss") if messages else \
         ("assistant_only_loss", assistant_only_loss, "prompt/completion", "completion_only_loss")
     if warn and not unused[1]:

@@ -227,12 +227,12 @@ def sft_evaluation(cfg, model, tokenizer, loss_fn: Callable, max_new_tokens: int
         return None
     rows = rows[:cfg.eval_max_rows]
     first = rows[0].data
-    scored = "messages" in first or "completion" in first
+    scored = "messages" in first or "completion" in first or cfg.dataset_text_field in first
     probe = _greedy_accuracy(model, tokenizer, rows, max_new_tokens, cfg.seed) if "answer" in first else None
     if not scored and probe is None:
-        raise UserError(f"{rows[0].source}: held-out SFT rows need 'messages', 'prompt' and 'completion' (loss), "
-                        "or 'prompt' and 'answer' (accuracy)")
-    examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length) if scored else []
+        raise UserError(f"{rows[0].source}: held-out SFT rows need 'messages', 'prompt' and 'completion' or "
+                        f"{cfg.dataset_text_field!r} (loss), or 'prompt' and 'answer' (accuracy)")
+    examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.dataset_text_field) if scored else []
     response_only = sft_response_only(rows[0], cfg.completion_only_loss, cfg.assistant_only_loss)
 
     def evaluate() -> dict:

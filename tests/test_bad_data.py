@@ -109,8 +109,21 @@ def required(pool: str, row: dict) -> list[str]:
     if kind == "sft":
         return ["messages"] if "messages" in row else ["prompt", "completion"]
     if kind == "preference":
-        return [k for k in ("prompt", "chosen", "rejected") if k in row]
+        keep = implicit_prompt(row.get("chosen"), row.get("rejected"))  # without it, the pair still splits
+        return [k for k in ("prompt", "chosen", "rejected") if k in row and not (k == "prompt" and keep)]
     return ["prompt"]
+
+
+def implicit_prompt(chosen, rejected) -> bool:
+    """Whether a pair without `prompt` still splits into prompt and responses, as TRL's extract_prompt reads it:
+    both strings or both conversations, with a common prefix (less a space just before the first difference,
+    for strings) that leaves each side something of its own."""
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        return False
+    n = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    if n == min(len(chosen), len(rejected)):
+        return False
+    return (n - (isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ")) > 0
 
 
 def message_lists(pool: str, row: dict) -> list[str]:

@@ -467,7 +467,7 @@ BAD_ROWS = [
     bad("missing-completion", "sft", {"prompt": "1+2="}, ["missing field", "'completion'"]),
     bad("missing-prompt", "prompts", {"answer": "3"}, ["missing field", "'prompt'"]),
     bad("missing-rejected", "pref", {"prompt": "1+2=", "chosen": "3"}, ["missing field", "'rejected'"]),
-    bad("neither-sft-format", "sft", {"text": "hello"}, ["messages", "prompt", "completion"]),
+    bad("neither-sft-format", "sft", {"body": "hello"}, ["messages", "prompt", "completion", "'text'"]),
     bad("completion-is-number", "sft", {"prompt": "1+2=", "completion": 3}, ["'completion'", "string"]),
     bad("chosen-is-number", "pref", {"prompt": "1+2=", "chosen": 3, "rejected": "4"}, ["'chosen'", "string"]),
     bad("prompt-is-dict", "prompts", {"prompt": {"text": "1+2="}}, ["'prompt'", "string"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -251,3 +252,225 @@ def test_loading_prints_nothing_and_restores_datasets_logging(tmp_path, capfd):
         assert datasets.logging.get_verbosity() == datasets.logging.INFO
     finally:
         datasets.logging.set_verbosity_warning()
+
+
+# ------------------------------------------------------------------ hub snapshots as TRL users have them
+
+
+def parquet(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quietly(lambda: Dataset.from_list(rows).to_parquet(str(path)))
+    return path
+
+
+def test_config_folders_of_a_hub_snapshot(tmp_path, tiny_qwen):
+    """gsm8k: main/ and socratic/, each {train,test}-00000-of-00001.parquet; imdb: one config, plain_text/."""
+    gsm8k = tmp_path / "gsm8k"
+    socratic = [{**r, "answer": "so " + r["answer"]} for r in PROMPTS]
+    for name, rows in (("main", PROMPTS), ("socratic", socratic)):
+        parquet(gsm8k / name / "train-00000-of-00001.parquet", rows[:5])
+        parquet(gsm8k / name / "test-00000-of-00001.parquet", rows[5:])
+    (gsm8k / "README.md").write_text("---\nlicense: mit\n---\n")  # front matter without `configs:`
+    with pytest.raises(UserError) as info:
+        D.read_rows(str(gsm8k))
+    assert str(info.value) == f"dataset_name: {gsm8k} holds several configs (main, socratic); choose one with dataset_config"
+    assert [r.data for r in D.read_rows(str(gsm8k), config="main")] == PROMPTS[:5]
+    assert [r.data for r in D.read_rows(str(gsm8k), split="test", config="socratic")] == socratic[5:]
+    assert D.read_rows(str(gsm8k), config="main")[0].source == f"{gsm8k}/main/train-00000-of-00001.parquet:row 1"
+    with pytest.raises(UserError) as info:
+        D.read_rows(str(gsm8k), config="default")
+    assert str(info.value) == f"dataset_name: dataset_config 'default' is not a config of {gsm8k} (configs: main, socratic)"
+    # the command line: --dataset_config picks the folder for training and held-out rows, checked before anything loads
+    base = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(gsm8k), "output_dir": str(tmp_path / "out")}
+    cfg = load_config("grpo", None, {**base, "dataset_config": "socratic"}, check_paths=True)
+    assert [r.data for r in D.train_rows(cfg)] == socratic[:5]
+    assert [r.data for r in D.eval_rows(cfg)] == socratic[5:]
+    with pytest.raises(UserError, match=r"^--dataset_name: .* holds several configs \(main, socratic\)"):
+        load_config("grpo", None, base, check_paths=True)
+    # one config is read without naming it, every split of it (imdb's unsupervised too)
+    imdb = tmp_path / "imdb"
+    texts = [{"text": f"review {i}", "label": i % 2} for i in range(6)]
+    for split, rows in (("train", texts[:3]), ("test", texts[3:5]), ("unsupervised", texts[5:])):
+        parquet(imdb / "plain_text" / f"{split}-00000-of-00001.parquet", rows)
+    assert [r.data for r in D.read_rows(str(imdb))] == texts[:3]
+    assert [r.data for r in D.read_rows(str(imdb), split="unsupervised", config="plain_text")] == texts[5:]
+    assert D.has_split(str(imdb), "test") and not D.has_split(str(imdb), "validation")
+
+
+def test_any_split_name_a_snapshot_has(tmp_path, tiny_qwen):
+    """ultrachat_200k / ultrafeedback_binarized: data/{train,test}_{sft,gen,prefs}-0000i-of-0000N.parquet."""
+    hub = tmp_path / "ultrafeedback"
+    for i in range(2):
+        parquet(hub / "data" / f"train_prefs-{i:05d}-of-00002.parquet", PAIRS[i * 3:(i + 1) * 3])
+    parquet(hub / "data" / "test_prefs-00000-of-00001.parquet", PAIRS[6:])
+    parquet(hub / "data" / "train_gen-00000-of-00001.parquet", PROMPTS)
+    assert [r.data for r in D.read_rows(str(hub), split="train_prefs")] == PAIRS[:6]
+    with pytest.raises(UserError) as info:
+        D.read_rows(str(hub))
+    assert str(info.value) == f"dataset_name: split 'train' not found in {hub} (splits: test_prefs, train_gen, train_prefs)"
+    base = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(hub), "output_dir": str(tmp_path / "out")}
+    cfg = load_config("dpo", None, {**base, "dataset_train_split": "train_prefs", "dataset_test_split": "test_prefs"},
+                      check_paths=True)
+    assert [r.data for r in D.train_rows(cfg)] == PAIRS[:6]
+    assert [r.data for r in D.eval_rows(cfg)] == PAIRS[6:]
+    with pytest.raises(UserError, match=r"^--dataset_name: field 'dataset_name': split 'train_sft' not found in .* "
+                                        r"\(splits: test_prefs, train_gen, train_prefs\)$"):
+        load_config("dpo", None, {**base, "dataset_train_split": "train_sft"}, check_paths=True)
+    # top-level files named by any split, unsharded, as a DatasetDict's to_json would write them
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    write_jsonl(flat / "train_sft.jsonl", CHATS[:4])
+    write_jsonl(flat / "test.jsonl", CHATS[4:])
+    assert [r.data for r in D.read_rows(str(flat), split="train_sft")] == CHATS[:4]
+
+
+CARD = """---
+license: mit
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "pairs/part-*.jsonl"
+  - split: held_out
+    path: [pairs/last.parquet]
+- config_name: prompts
+  data_dir: prompts
+  data_files: "*.jsonl"
+- config_name: chats
+  data_dir: chats
+---
+# A dataset card
+"""
+
+
+def test_the_readme_configs_block_defines_configs_and_splits(tmp_path):
+    """Files named as nothing posttrain would guess; the card's globs (relative to the root, or a config's
+    data_dir) say which is which, as datasets.load_dataset reads them."""
+    hub = tmp_path / "card"
+    write_jsonl((hub / "pairs").mkdir(parents=True) or hub / "pairs" / "part-a.jsonl", PAIRS[:2])
+    write_jsonl(hub / "pairs" / "part-b.jsonl", PAIRS[2:5])
+    parquet(hub / "pairs" / "last.parquet", PAIRS[5:])
+    write_jsonl((hub / "prompts").mkdir() or hub / "prompts" / "whatever.jsonl", PROMPTS)
+    parquet(hub / "chats" / "train-00000-of-00001.parquet", CHATS[:5])
+    parquet(hub / "chats" / "validation-00000-of-00001.parquet", CHATS[5:])
+    parquet(hub / "data" / "train-00000-of-00001.parquet", CHATS)  # not listed in the card: not read
+    (hub / "README.md").write_text(CARD)
+    assert [r.data for r in D.read_rows(str(hub))] == PAIRS[:5]  # the config named default
+    assert [r.data for r in D.read_rows(str(hub), split="held_out")] == PAIRS[5:]
+    assert D.has_split(str(hub), "held_out") and not D.has_split(str(hub), "test")
+    assert [r.data for r in D.read_rows(str(hub), config="prompts")] == PROMPTS
+    assert [r.data for r in D.read_rows(str(hub), split="validation", config="chats")] == CHATS[5:]
+    with pytest.raises(UserError, match=r"^dataset_name: split 'test' not found in .* \(splits: train, held_out\)$"):
+        D.read_rows(str(hub), split="test")
+    # several configs and none of them the default: one line listing them
+    (hub / "README.md").write_text(CARD.replace("config_name: default", "config_name: pairs"))
+    with pytest.raises(UserError) as info:
+        D.read_rows(str(hub))
+    assert str(info.value) == f"dataset_name: {hub} holds several configs (pairs, prompts, chats); choose one with dataset_config"
+    (hub / "README.md").write_text(CARD.replace("config_name: prompts", "config_name: prompts\n  default: true"))
+    with pytest.raises(UserError, match="several configs"):  # two defaults (`default` and `default: true`)
+        D.read_rows(str(hub))
+    (hub / "README.md").write_text(CARD.replace("config_name: default", "config_name: pairs").replace(
+        "config_name: prompts", "config_name: prompts\n  default: true"))
+    assert [r.data for r in D.read_rows(str(hub))] == PROMPTS
+    # a pattern that matches nothing names the card, the config and the pattern
+    (hub / "README.md").write_text(CARD.replace("pairs/last.parquet", "pairs/gone-*.parquet"))
+    with pytest.raises(UserError) as info:
+        D.read_rows(str(hub))
+    assert str(info.value) == (f"dataset_name: {hub}/README.md: config 'default': split 'held_out' path 'pairs/gone-*.parquet' "
+                               f"matches no .jsonl, .jsonl.gz, .json, .parquet or .csv file under {hub}")
+    (hub / "README.md").write_text("---\nconfigs: [oops\n---\n")
+    with pytest.raises(UserError, match=r"^dataset_name: .*README\.md: the front matter is not valid YAML"):
+        D.read_rows(str(hub))
+
+
+# ------------------------------------------------------------------ plain text (SFT) and implicit prompts (rm, dpo)
+
+
+TEXTS = [{"content": f"{a}+{a}={2 * a}", "source": "arith"} for a in range(6)]
+
+
+def test_plain_text_sft_trains_every_token(tmp_path, tok):
+    eos = tok.eos_token_id
+    for path in (write_jsonl(tmp_path / "texts.jsonl", [{"text": r["content"]} for r in TEXTS]),
+                 parquet(tmp_path / "texts.parquet", [{"text": r["content"]} for r in TEXTS])):
+        examples_ = D.sft_examples(D.read_rows(str(path)), tok, 64, 32)
+        assert [(e.prompt_ids, e.completion_ids) for e in examples_] == \
+            [([], D._ids(tok, r["content"]) + [eos]) for r in TEXTS]
+        batch = D.collate_examples(examples_, tok.pad_token_id)  # completion-only: every token but the first is a target
+        assert batch.loss_mask.sum(1).tolist() == [len(D._ids(tok, r["content"])) for r in TEXTS]
+    # dataset_text_field names another column; a text already ending with EOS gets no second one
+    rows = [*TEXTS[:2], {"content": TEXTS[2]["content"] + tok.eos_token, "source": "x"}]
+    got = D.sft_examples(D.read_rows(str(write_jsonl(tmp_path / "content.jsonl", rows))), tok, 64, 32, "content")
+    assert [e.completion_ids for e in got] == [D._ids(tok, r["content"]) + [eos] for r in TEXTS[:3]]
+    with pytest.raises(UserError) as info:
+        D.sft_examples(D.read_rows(str(write_jsonl(tmp_path / "c.jsonl", TEXTS))), tok, 64, 32)
+    assert str(info.value) == (f"{tmp_path / 'c.jsonl'}:1: an SFT row needs 'messages', 'prompt' and 'completion', "
+                               "or a plain-text 'text' field (dataset_text_field)")
+    with pytest.raises(UserError) as info:
+        D.sft_examples(D.read_rows(str(write_jsonl(tmp_path / "n.jsonl", [{"text": "a"}, {"text": 3}]))), tok, 64, 32)
+    assert str(info.value) == f"{tmp_path / 'n.jsonl'}:2: field 'text' must be a string, got a number"
+    with pytest.raises(UserError, match=r"m\.jsonl:2: mixed row formats: this row has 'messages' fields but the first "
+                                        r"row .* has 'text'"):
+        D.sft_examples(D.read_rows(str(write_jsonl(tmp_path / "m.jsonl", [{"text": "a"}, CHATS[0]]))), tok, 64, 32)
+
+
+def test_sft_recipe_trains_on_a_text_column(tmp_path, tiny_qwen, tok):
+    from posttrain.metrics import read_metrics
+    from posttrain.recipes import sft
+
+    data = tmp_path / "texts"  # one config folder, its test split held out
+    parquet(data / "plain_text" / "train-00000-of-00001.parquet", TEXTS)
+    parquet(data / "plain_text" / "test-00000-of-00001.parquet", TEXTS[:2])
+    cfg = load_config("sft", None, {"model_name_or_path": str(tiny_qwen), "dataset_name": str(data),
+                                    "output_dir": str(tmp_path / "out"), "dataset_text_field": "content",
+                                    "per_device_train_batch_size": "6", "max_steps": "1", "logging_steps": "1",
+                                    "progress": "false", "num_threads": "1"}, check_paths=True)
+    sft.main(cfg)
+    [record] = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert record["num_tokens"] == sum(len(D._ids(tok, r["content"])) for r in TEXTS)  # every token, EOS included
+    assert math.isfinite(record["eval/loss"]) and record["eval/perplexity"] > 1
+
+
+HH = [("\n\nHuman: What is 2+2?\n\nAssistant: 4", "\n\nHuman: What is 2+2?\n\nAssistant: 5"),
+      ("\n\nHuman: Hi\n\nAssistant: Hello there.", "\n\nHuman: Hi\n\nAssistant: Help there."),  # splits in a word, as TRL
+      ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: yes", "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: no")]
+
+
+def test_string_pairs_with_the_prompt_inside_split_as_trl_does(tmp_path, tok):
+    extract_prompt = pytest.importorskip("trl.data_utils").extract_prompt
+    rows = [{"chosen": c, "rejected": r} for c, r in HH]
+    for path in (write_jsonl(tmp_path / "hh.jsonl", rows), parquet(tmp_path / "hh" / "data" / "train-00000-of-00001.parquet", rows)):
+        pairs = D.preference_examples(D.read_rows(str(path)), tok, 256, 128)
+        for (chosen, rejected), pair in zip(HH, pairs):
+            trl = extract_prompt({"chosen": chosen, "rejected": rejected})
+            assert trl["prompt"].endswith(("Assistant:", "Assistant: Hel"))
+            prompt_ids = D._ids(tok, trl["prompt"])
+            assert pair.chosen == D.Example(prompt_ids, D._ids(tok, trl["chosen"]) + [tok.eos_token_id])
+            assert pair.rejected == D.Example(prompt_ids, D._ids(tok, trl["rejected"]) + [tok.eos_token_id])
+    for (chosen, rejected), message in [
+            (("same", "same"), "'chosen' and 'rejected' are identical, so no differing character splits off the prompt"),
+            (("Assistant: 4", "Assistant: 45"), "'chosen' is the start of 'rejected', with no character of its own"),
+            (("yes", "no"), "'chosen' and 'rejected' share no leading character and there is no 'prompt'"),
+            ((" yes", " no"), "'chosen' and 'rejected' share no leading character and there is no 'prompt'")]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": chosen, "rejected": rejected}])
+        with pytest.raises(UserError) as info:
+            D.preference_examples(D.read_rows(str(path)), tok, 64, 32)
+        assert str(info.value).startswith(f"{path}:1: {message}")
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_rm_and_dpo_train_on_hh_rlhf_pairs(tmp_path, tiny_qwen, stage):
+    import importlib
+
+    from posttrain.metrics import read_metrics
+
+    data = parquet(tmp_path / "hh" / "data" / "train-00000-of-00001.parquet", [{"chosen": c, "rejected": r} for c, r in HH])
+    cfg = load_config(stage, None, {"model_name_or_path": str(tiny_qwen), "dataset_name": str(data.parent.parent),
+                                    "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": "3",
+                                    "max_steps": "1", "logging_steps": "1", "eval_strategy": "no", "progress": "false",
+                                    "num_threads": "1"}, check_paths=True)
+    importlib.import_module(f"posttrain.recipes.{stage}").main(cfg)
+    [record] = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert math.isfinite(record["loss"])

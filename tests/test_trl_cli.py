@@ -192,7 +192,7 @@ def test_every_unsupported_name_is_refused_or_noticed():
 @pytest.mark.parametrize("argv", [
     ["--push_to_hub"], ["--hub_model_id", "me/model"], ["--use_vllm"], ["--vllm_mode", "server"], ["--fp16"],
     ["--tf32", "true"], ["--neftune_noise_alpha", "5"], ["--deepspeed", "ds.json"], ["--use_liger_kernel"], ["--packing"],
-    ["--optim", "adafactor"], ["--torch_compile"], ["--load_in_4bit"], ["--load_in_8bit"], ["--dataset_config", "en"],
+    ["--optim", "adafactor"], ["--torch_compile"], ["--load_in_4bit"], ["--load_in_8bit"],
     ["--dataset_streaming"], ["--logging_first_step"], ["--trust_remote_code"], ["--adam_beta2", "0.95"],
     ["--logging_strategy", "epoch"], ["--use_cpu"],
 ], ids=lambda argv: argv[0])

@@ -48,7 +48,7 @@ def main(cfg) -> None:
     model = prepare_for_training(load_causal_lm(model_path, allow_pickle=cfg.allow_pickle, **load_options(cfg)), cfg)
 
     # 2. tokenise once; batches are collated on the fly with dynamic padding (or packed: padding_free)
-    examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    examples = sft_examples(rows, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.dataset_text_field)
     lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in examples]
     response_only = sft_response_only(rows[0], cfg.completion_only_loss, cfg.assistant_only_loss, warn=True)
 
