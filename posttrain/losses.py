@@ -290,7 +290,9 @@ def ppo_policy_loss(
 
     Shape: all arguments (B, T) -> (loss (), stats). Stats (detached):
     clip_ratio (fraction of tokens where the clip is active), clip_ratio/low,
-    clip_ratio/high, approx_kl (k3 of old vs new, masked mean).
+    clip_ratio/high, approx_kl (masked mean of k3 = (ρ - 1) - log ρ, the estimate of
+    KL(π_old || π) from tokens sampled from π_old; Schulman, "Approximating KL
+    Divergence", 2020, and CleanRL's ``approx_kl``).
     """
     per_token, stats = ppo_token_losses(logprobs, old_logprobs, advantages, epsilon, epsilon_high)
     loss = masked_mean(per_token, mask)
@@ -324,7 +326,8 @@ def ppo_token_losses(
             "clip_ratio": low + high,
             "clip_ratio/low": low,
             "clip_ratio/high": high,
-            "approx_kl": torch.exp(-log_ratio) - 1 + log_ratio,
+            # k3 of KL(π_old || π) for tokens drawn from π_old: r = π/π_old = ρ
+            "approx_kl": ratio - 1 - log_ratio,
         }
     return per_token, stats
 

@@ -202,13 +202,25 @@ def test_ppo_token_losses_and_clip():
     assert_close(stats["clip_ratio"], torch.tensor(0.5))  # t0 and t1 of 4
     assert_close(stats["clip_ratio/low"], torch.tensor(0.25))  # t1
     assert_close(stats["clip_ratio/high"], torch.tensor(0.25))  # t0
-    # approx_kl = e^-lr - 1 + lr: 0.106531, 0.148721, 0.004837, 0.106531 -> mean 0.091655
-    assert_close(stats["approx_kl"], torch.tensor(0.091655), atol=1e-5, rtol=0)
+    # approx_kl = k3 of KL(old || new) from samples of old = (rho - 1) - lr:
+    # 0.148721, 0.106531, 0.005171, 0.148721 -> mean 0.102286 (e^-lr - 1 + lr, the KL the other way, gave 0.091655)
+    assert_close(stats["approx_kl"], torch.tensor(0.102286), atol=1e-5, rtol=0)
     assert all(not v.requires_grad for v in stats.values())
     loss.backward()
     # d/dlp of -rho*A/4 where unclipped; 0 where the clip binds (t0, t1)
     # t2: -1.105171*1/4 = -0.276293; t3: -1.648721*(-1)/4 = 0.412180
     assert_close(lp.grad, t([[0.0, 0.0], [-0.276293, 0.412180]]))
+
+
+def test_ppo_approx_kl_is_k3_of_old_vs_new():
+    # one token, lr = log pi - log pi_old = 1: k3 = (e - 1) - 1 = 0.718282; the reversed form
+    # e^-1 - 1 + 1 = 0.367879 estimates KL(new || old), which samples from old do not
+    _, stats = L.ppo_policy_loss(t([[1.0]]), t([[0.0]]), t([[1.0]]), t([[1.0]]))
+    assert_close(stats["approx_kl"], torch.tensor(math.e - 2))
+    # it is the kl_penalty k3 estimator with old as the sampling policy and new as the other one
+    lp, old = t([[0.3, -1.2, 0.7]]), t([[-0.4, 0.2, 0.7]])
+    _, stats = L.ppo_token_losses(lp, old, torch.ones(1, 3))
+    assert_close(stats["approx_kl"], L.kl_penalty(old, lp, "k3"))
 
 
 def test_ppo_epsilon_high_moves_only_upper_bound():
