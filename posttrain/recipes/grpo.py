@@ -136,9 +136,11 @@ def update(cfg, policy, rollout: GroupRollout, optimizer, params, window: StatsW
             distributed.sync_gradients([policy], i == len(starts) - 1)
             with autocast(cfg.bf16):
                 loss, stats = grpo_loss(cfg, policy, mb, T, num_tokens)
-            # dapo already divides by the whole batch's tokens; the others (bnpo: a token mean per
-            # micro-batch, as TRL normalises it) weigh by completions
-            weight = world if cfg.loss_type == "dapo" else world * mb.mask.shape[0] / counted
+            # dapo already divides by the whole batch's tokens; the others weigh by completions: grpo and
+            # dr_grpo divide by all the micro-batch's rows (a filtered row adds 0), bnpo's token mean (per
+            # micro-batch, as TRL normalises it) is over the kept rows' tokens alone, so it counts those rows
+            rows = mb.kept.sum() if cfg.loss_type == "bnpo" else mb.mask.shape[0]
+            weight = world if cfg.loss_type == "dapo" else world * rows / counted
             (loss * weight).backward()
             step_loss = step_loss + loss.detach() * weight
             window.add(stats)

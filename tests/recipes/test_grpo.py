@@ -293,3 +293,41 @@ def test_grpo_resume_reproduces_uninterrupted_run(tmp_path, tiny_qwen, arith_dat
         assert a["reward"] == b["reward"], f"step {a['step']}: reward {a['reward']} vs resumed {b['reward']}"
         for key in ("loss", "kl", "entropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_grpo_filtered_groups_leave_the_gradient_of_the_kept_ones(tmp_path, tiny_qwen, loss_type):
+    """filter_zero_std_groups: a batch whose filtered groups stay in (mask 0, kept False) steps exactly as the
+    kept groups alone do. Before, bnpo weighed each micro-batch by all its rows (8) over the kept ones (4)
+    while its token mean was of the kept tokens only: a step 2.0x too large."""
+    from posttrain.config import load_config
+    from posttrain.models import load_causal_lm
+    from posttrain.rollout import GroupRollout
+    from posttrain.training import StatsWindow
+
+    cfg = load_config("grpo", None, {"model_name_or_path": str(tiny_qwen), "dataset_name": "unused.jsonl",
+                                     "output_dir": str(tmp_path), "loss_type": loss_type, "beta": "0",
+                                     "num_generations": "2", "max_completion_length": "4", "max_grad_norm": "0",
+                                     "gradient_accumulation_steps": "1"})
+    gen = torch.Generator().manual_seed(0)
+    N, P, T = 8, 3, 4  # 4 groups of G = 2; rows 4-7 (groups 2 and 3) are filtered out
+    ids = torch.randint(3, 100, (N, P + T), generator=gen)
+    mask = torch.ones(N, T)
+    mask[0, 2:], mask[1, 1:], mask[2, 3:] = 0, 0, 0  # completions of 2, 1, 3 and 4 tokens: bnpo != grpo
+    attn = torch.cat([torch.ones(N, P), mask], 1).long()
+    kept = torch.arange(N) < 4
+    advantages = torch.tensor([1.0, -1.0, 0.7, -0.7, 0.0, 0.0, 0.0, 0.0])
+    filtered = GroupRollout(ids, attn, mask * kept.float().unsqueeze(1), advantages, kept, None, None)
+    kept_only = GroupRollout(ids[:4], attn[:4], mask[:4], advantages[:4], kept[:4], None, None)
+
+    def step(rollout):  # SGD at lr 1: the change of the weights is minus the gradient
+        policy = load_causal_lm(str(tiny_qwen))
+        params = [p for p in policy.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        grpo_recipe.update(cfg, policy, rollout, torch.optim.SGD(params, lr=1.0), params, StatsWindow())
+        return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)])
+
+    grad_filtered, grad_kept = step(filtered), step(kept_only)
+    ratio = float(grad_filtered.norm() / grad_kept.norm())
+    assert ratio == pytest.approx(1.0, abs=1e-4), f"{loss_type}: filtered / kept-only gradient = {ratio:.4f}"
+    torch.testing.assert_close(grad_filtered, grad_kept, rtol=1e-4, atol=1e-7)
