@@ -97,7 +97,8 @@ class CommonConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower on tiny models)."""
     bf16: bool = False
-    """Run forward and backward under bfloat16 autocast (weights and optimizer stay fp32)."""
+    """Run forward and backward under bfloat16 autocast (weights and optimizer stay fp32); PPO and GRPO rollouts
+    also sample under it, so the tokens are drawn from the distribution their log-probs are scored under."""
     use_peft: bool = False
     """Train LoRA adapters instead of all weights (the reference is the base with adapters off); a reward model
     trains its adapters and its `score` head, a separate PPO critic every weight."""

@@ -75,6 +75,43 @@ def test_rl_rollout_old_and_ref_logps_are_of_the_sampled_distribution(tmp_path, 
     torch.testing.assert_close(rollout.ref_logps[mask], expected.sampling_logps[mask], rtol=0, atol=2e-5)
 
 
+class SamplingLogpsEngine:
+    """The hf engine's sampling, keeping `generate`'s own log-probs of the tokens it drew."""
+
+    def __init__(self, cfg, model, tokenizer):
+        self.cfg, self.model, self.tokenizer, self.last = cfg, model, tokenizer, None
+
+    def generate(self, prompt_ids, num_return_sequences=1):
+        self.last = generate(self.model, self.tokenizer, prompt_ids, self.cfg.max_completion_length, self.cfg.temperature,
+                             num_return_sequences=num_return_sequences, return_sampling_logps=True)
+        return self.last
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_bf16_rollout_samples_at_the_precision_it_scores(tmp_path, tiny_qwen, arith_data, stage):
+    """bf16: the rollout samples under the autocast its old log-probs are scored under, so the log-probs
+    `generate` drew each token with equal the cached old ones (fp32 sampling: mean |dlogp| about 1e-3)."""
+    import importlib
+
+    recipe = importlib.import_module(f"posttrain.recipes.{stage}")
+    fields = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(arith_data["prompts"]), "bf16": "true",
+              "output_dir": str(tmp_path), "temperature": "0.7", "max_completion_length": "6",
+              "per_device_train_batch_size": "4", **({"num_generations": "2", "num_iterations": "2"} if stage == "grpo" else {})}
+    cfg = load_config(stage, None, fields)
+    tokenizer = load_tokenizer(str(tiny_qwen))
+    policy, ref = load_causal_lm(str(tiny_qwen)), load_causal_lm(str(tiny_qwen), trainable=False)
+    engine, prompts = SamplingLogpsEngine(cfg, policy, tokenizer), _prompts(tokenizer, arith_data, 4)
+    torch.manual_seed(1)
+    if stage == "ppo":
+        head = recipe.ValueHead(policy.config.hidden_size)
+        rollout, _ = recipe.make_rollout(cfg, engine, policy, ref, None, head, _exact_match(), prompts, 0.05)
+    else:
+        rollout, _ = recipe.make_rollout(cfg, engine, policy, ref, _exact_match(), prompts)
+    mask = engine.last.completion_mask.bool()
+    gap = (rollout.old_logps[mask] - engine.last.sampling_logps[mask]).abs()
+    assert float(gap.max()) < 1e-6, f"mean |dlogp| {float(gap.mean()):.2e}, max {float(gap.max()):.2e}"
+
+
 def test_checkpoint_generation_config_does_not_leak_into_sampling(tmp_path, tiny_qwen, arith_data, monkeypatch):
     from transformers.generation import logits_process
 

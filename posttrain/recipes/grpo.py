@@ -62,7 +62,8 @@ def group_filter(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def make_rollout(cfg, engine, policy, ref, rewards, prompts) -> tuple[GroupRollout | None, dict]:
     """Steps 1-3: sample G completions per prompt, score, group advantages, caches."""
     G = cfg.num_generations
-    gen = engine.generate([p.prompt_ids for p in prompts], num_return_sequences=G)
+    with autocast(cfg.bf16):  # sampled at the precision its log-probs are scored at
+        gen = engine.generate([p.prompt_ids for p in prompts], num_return_sequences=G)
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     texts = [p.prompt_text for p in prompts for _ in range(G)]
     extras = [p.extra for p in prompts for _ in range(G)]

@@ -98,7 +98,8 @@ def actor_critic_forward(actor, critic, value_head, ids, attention_mask, T: int,
 @torch.no_grad()
 def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, kl_coef: float) -> tuple[Rollout, dict]:
     """Steps 1-4: sample, score once, shape per-token rewards, GAE."""
-    gen = engine.generate([p.prompt_ids for p in prompts])
+    with autocast(cfg.bf16):  # sampled at the precision its log-probs are scored at
+        gen = engine.generate([p.prompt_ids for p in prompts])
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     with autocast(cfg.bf16):
         old_logps, _, values = actor_critic_forward(actor, critic, value_head, gen.input_ids, gen.attention_mask, T,
