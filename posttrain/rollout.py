@@ -8,6 +8,7 @@ from the last ``T`` logits only (``logits_to_keep``), never the prompt's.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -205,6 +206,26 @@ class HFEngine:
 
     def load_weights(self, model) -> None:
         """Weights are shared with ``model`` already."""
+
+
+@contextlib.contextmanager
+def sampling_stream(seed: int, step: int):
+    """Draw the rollout of ``step`` from this rank's own random stream: seeded from (seed + rank, step).
+
+    Every rank takes the same seed at set-up, so weights initialised there
+    agree (``training.setup_run``); sampling from that shared stream would
+    draw the same completions on every rank. The stream is derived afresh
+    from (seed + rank, step) for each rollout and the process's own RNG is
+    put back after it, so nothing else (weight init, PPO's mini-batch order)
+    changes, and a resumed run samples at each step exactly what the
+    uninterrupted one did, with no state to checkpoint.
+    """
+    # the CPU generator keeps only 32 bits of a seed: the pair is hashed into 32 bits, not packed into 64
+    key = hashlib.sha256(f"{seed + distributed.rank()}:{step}".encode()).digest()
+    cuda = distributed.device().type == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else [], device_type="cuda"):
+        torch.manual_seed(int.from_bytes(key[:4], "little"))
+        yield
 
 
 def build_engine(cfg, model, tokenizer):

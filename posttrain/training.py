@@ -37,7 +37,8 @@ def setup_run(cfg) -> None:
     """Threads, seeds and the memory check: the first step of every recipe. Nothing is written yet (see ``start_output``).
 
     Every rank takes the same seed, so models initialised here start equal on
-    every rank (FSDP2 does not broadcast them). The memory check (`memory.preflight`)
+    every rank (FSDP2 does not broadcast them); rollouts sample from a stream of
+    each rank's own (``rollout.sampling_stream``). The memory check (`memory.preflight`)
     comes before any weight is loaded, so a run that cannot fit on its GPU stops at once.
     """
     if cfg.num_threads:
@@ -433,11 +434,12 @@ def rl_total_steps(cfg, num_prompts: int) -> int:
 
 
 def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimizer, scheduler,
-           rl_step: Callable[[list[int], StatsWindow, dict], None], probe: Callable[[], dict] | None = None,
+           rl_step: Callable[[list[int], StatsWindow, dict, int], None], probe: Callable[[], dict] | None = None,
            state: dict | None = None) -> dict:
     """The rollout loop PPO and GRPO share: prompts -> ``rl_step`` -> schedule, logs, checkpoints.
 
-    ``rl_step(prompt_indices, window, state)`` does one rollout and its updates,
+    ``rl_step(prompt_indices, window, state, step)`` does rollout ``step`` (0, 1, ...;
+    its sampling stream derives from it) and its updates,
     adding stats to ``window``; ``state`` holds the recipe's own scalars (e.g.
     PPO's adaptive kl_coef), logged and saved in every checkpoint. It returns
     the rollout's ``completion_samples`` (None unless log_completions), written
@@ -463,7 +465,7 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
 
     with Interrupts() as interrupts, logger:  # the logger closes on an error too
         while step < steps:
-            samples = rl_step(distributed.rank_share(stream.next()), window, state)
+            samples = rl_step(distributed.rank_share(stream.next()), window, state, step)
             scheduler.step()
             step += 1
             logger.advance()

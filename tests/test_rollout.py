@@ -18,7 +18,7 @@ from posttrain.config import load_config
 from posttrain.data import prompt_examples, read_rows
 from posttrain.models import load_causal_lm, load_tokenizer, token_logps
 from posttrain.rewards import RewardSource, RewardSources, resolve_reward_func
-from posttrain.rollout import build_engine, generate
+from posttrain.rollout import build_engine, generate, sampling_stream
 
 
 def _prompts(tokenizer, arith_data, n=8):
@@ -58,11 +58,10 @@ def test_rl_rollout_old_and_ref_logps_are_of_the_sampled_distribution(tmp_path, 
     policy, ref = load_causal_lm(str(tiny_qwen)), load_causal_lm(str(tiny_qwen), trainable=False)
     prompts = _prompts(tokenizer, arith_data, 4)
     G = 2 if stage == "grpo" else 1
-    head = recipe.ValueHead(policy.config.hidden_size) if stage == "ppo" else None  # (its init draws from the RNG)
-    torch.manual_seed(1)
-    expected = generate(policy, tokenizer, [p.prompt_ids for p in prompts], 6, 0.7, num_return_sequences=G,
-                        return_sampling_logps=True)
-    torch.manual_seed(1)
+    head = recipe.ValueHead(policy.config.hidden_size) if stage == "ppo" else None
+    with sampling_stream(cfg.seed, 0):  # the stream the recipe samples its rollout 0 from
+        expected = generate(policy, tokenizer, [p.prompt_ids for p in prompts], 6, 0.7, num_return_sequences=G,
+                            return_sampling_logps=True)
     if stage == "ppo":
         engine = build_engine(cfg, policy, tokenizer)
         rollout, _ = recipe.make_rollout(cfg, engine, policy, ref, None, head, _exact_match(), prompts, 0.05)

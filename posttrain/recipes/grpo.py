@@ -38,7 +38,7 @@ from posttrain.losses import (
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 from posttrain.rewards import RewardSources, check_required_fields
-from posttrain.rollout import GroupRollout, build_engine
+from posttrain.rollout import GroupRollout, build_engine, sampling_stream
 from posttrain.training import (
     StatsWindow,
     autocast,
@@ -59,10 +59,11 @@ def group_filter(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_rollout(cfg, engine, policy, ref, rewards, prompts) -> tuple[GroupRollout | None, dict]:
-    """Steps 1-3: sample G completions per prompt, score, group advantages, caches."""
+def make_rollout(cfg, engine, policy, ref, rewards, prompts, step: int = 0) -> tuple[GroupRollout | None, dict]:
+    """Steps 1-3: sample G completions per prompt (this rank's stream for rollout ``step``), score, group
+    advantages, caches."""
     G = cfg.num_generations
-    with autocast(cfg.bf16):  # sampled at the precision its log-probs are scored at
+    with sampling_stream(cfg.seed, step), autocast(cfg.bf16):  # sampled at the precision its log-probs are scored at
         gen = engine.generate([p.prompt_ids for p in prompts], num_return_sequences=G)
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     texts = [p.prompt_text for p in prompts for _ in range(G)]
@@ -165,8 +166,8 @@ def main(cfg) -> None:
     probe = rl_evaluation(cfg, policy, tokenizer, rewards)  # held-out mean reward and greedy accuracy
     engine = build_engine(cfg, policy, tokenizer)
 
-    def rl_step(indices, window, state):  # steps 1-4 of the module docstring, once per rollout batch
-        rollout, stats = make_rollout(cfg, engine, policy, ref, rewards, [prompts[i] for i in indices])
+    def rl_step(indices, window, state, step):  # steps 1-4 of the module docstring, once per rollout batch
+        rollout, stats = make_rollout(cfg, engine, policy, ref, rewards, [prompts[i] for i in indices], step)
         samples = stats.pop("samples", None)
         window.add(stats)
         if rollout is not None:  # every group filtered out: no signal, no update

@@ -51,7 +51,7 @@ from posttrain.models import (
 )
 from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 from posttrain.rewards import RewardSources, check_required_fields
-from posttrain.rollout import Rollout, build_engine
+from posttrain.rollout import Rollout, build_engine, sampling_stream
 from posttrain.training import (
     StatsWindow,
     autocast,
@@ -96,9 +96,10 @@ def actor_critic_forward(actor, critic, value_head, ids, attention_mask, T: int,
 
 
 @torch.no_grad()
-def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, kl_coef: float) -> tuple[Rollout, dict]:
-    """Steps 1-4: sample, score once, shape per-token rewards, GAE."""
-    with autocast(cfg.bf16):  # sampled at the precision its log-probs are scored at
+def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, kl_coef: float,
+                 step: int = 0) -> tuple[Rollout, dict]:
+    """Steps 1-4: sample (this rank's stream for rollout ``step``), score once, shape per-token rewards, GAE."""
+    with sampling_stream(cfg.seed, step), autocast(cfg.bf16):  # sampled at the precision its log-probs are scored at
         gen = engine.generate([p.prompt_ids for p in prompts])
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     with autocast(cfg.bf16):
@@ -217,9 +218,9 @@ def main(cfg) -> None:
     probe = rl_evaluation(cfg, actor, tokenizer, rewards)  # held-out mean reward and greedy accuracy
     engine = build_engine(cfg, actor, tokenizer)
 
-    def rl_step(indices, window, state):  # steps 1-5 of the module docstring, once per rollout batch
+    def rl_step(indices, window, state, step):  # steps 1-5 of the module docstring, once per rollout batch
         batch = [prompts[i] for i in indices]
-        rollout, stats = make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, batch, state["kl_coef"])
+        rollout, stats = make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, batch, state["kl_coef"], step)
         samples = stats.pop("samples", None)
         window.add(stats)
         ppo_epochs(cfg, actor, critic, value_head, rollout, optimizer, params, window)

@@ -206,3 +206,30 @@ def test_torchrun_dpo_command_line(tmp_path, tiny_qwen, arith_data):
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "Qwen2ForCausalLM"
+
+
+def test_ranks_sample_from_their_own_streams(tmp_path, tiny_qwen, arith_data):
+    """2 ranks, the same prompt on each: set-up leaves the same RNG on both (initial weights agree), while the
+    completions each rank samples differ (one stream per rank, seeded seed + rank, not the shared one)."""
+    prompt = arith_data["prompts"].read_text().splitlines()[0]
+    prompts = tmp_path / "one_prompt.jsonl"
+    prompts.write_text((prompt + "\n") * 4)
+    fields = {"model_name_or_path": str(tiny_qwen), "dataset_name": str(prompts), "seed": "0", "num_threads": "1"}
+    argv = ["grpo", *[x for k, v in fields.items() for x in (f"--{k}", v)], "--output_dir", str(tmp_path / "out"),
+            "--progress", "false", "--max_steps", "2", "--per_device_train_batch_size", "1", "--num_generations", "4",
+            "--max_completion_length", "8", "--logging_steps", "1", "--reward_funcs", "rank_sampling:record_completions"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"fields": fields, "argv": argv}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(HERE)]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(HERE / "rank_sampling.py"), str(spec)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    init = [json.loads((tmp_path / f"init-rank{r}.json").read_text()) for r in (0, 1)]
+    assert init[0] == init[1], "set-up seeds every rank alike: models initialised there start equal"
+    rows = [[json.loads(line) for line in (tmp_path / f"completions-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert len(rows[0]) == len(rows[1]) == 2 * 4 and {r["prompt"] for r in rows[0] + rows[1]} == {rows[0][0]["prompt"]}
+    same = sum(a["completion"] == b["completion"] for a, b in zip(rows[0], rows[1]))
+    assert same < len(rows[0]) // 2, f"{same} of {len(rows[0])} completions of the same prompt are equal on both ranks"
