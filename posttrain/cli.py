@@ -1,6 +1,6 @@
 """posttrain's command line: subcommand -> config dataclass -> recipe main(cfg).
 
-    posttrain sft | rm | dpo | ppo | grpo  [--config FILE.yaml] [--FIELD VALUE ...]
+    posttrain sft | rm | dpo | ppo | grpo | rloo  [--config FILE.yaml] [--FIELD VALUE ...]
     posttrain reward ...                   (the same as posttrain rm, TRL's name)
     posttrain generate --model_name_or_path DIR --prompt TEXT
     posttrain eval     --model_name_or_path DIR --dataset_name FILE
@@ -32,13 +32,14 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from posttrain.errors import UserError  # noqa: E402
 
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
 STAGE_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat data",
     "rm": "train a Bradley-Terry reward model on preference pairs",
     "dpo": "Direct Preference Optimization (and IPO, hinge) on preference pairs",
     "ppo": "PPO-based RLHF: actor, critic, reference and reward sources",
     "grpo": "Group Relative Policy Optimization with verifiable rewards",
+    "rloo": "REINFORCE Leave-One-Out: the grpo recipe with TRL RLOOTrainer's defaults (KL in the reward)",
 }
 
 

@@ -284,7 +284,7 @@ class PPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     kl_coef: float = 0.05
     """Coefficient of the per-token KL penalty in the reward."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: k1 | k2 | k3."""
+    """Per-token KL estimator in the reward: k1 | k2 | k3 | k3_plus (in a reward, the same as k3)."""
     target_kl_coef: float = 0.0
     """Adaptive KL controller target (Ziegler et al.): move kl_coef so the KL per sequence nears this; 0 disables."""
     kl_horizon: int = 10000
@@ -325,18 +325,47 @@ class GRPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     num_generations: int = 8
     """Completions sampled per prompt (the group size G)."""
     beta: float = 0.04
-    """Weight of the k3 KL term to the reference (0: no reference model is loaded)."""
+    """Weight of the KL to the reference (kl_estimator): a loss term, or with kl_in_reward a reward penalty
+    (0: no reference model is loaded)."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator (Schulman 2020): k1 | k2 | k3 | k3_plus (k3's value with k2's gradient)."""
+    kl_in_reward: bool = False
+    """Subtract beta·KL from the reward before the advantages (PPO / RLOO style: the completion's summed KL, or
+    for reinforce_pp each token's) instead of adding it to the loss (GRPO style)."""
     use_bias_correction_kl: bool = False
     """Weight k3 by the ratio π/π_old: the same KL value, but the unbiased gradient of KL(π||π_ref)
     (DeepSeek-V3.2). False: differentiate k3 as in the GRPO paper."""
     loss_type: str = "grpo"
-    """grpo | bnpo | dr_grpo | dapo: how per-token losses are averaged (see docs/papers.md)."""
+    """grpo | bnpo | dr_grpo | dapo: how per-token losses are averaged; cispo (MiniMax-M1: clipped, detached
+    ratio times log-prob), sapo (soft gate for the clip), rloo (TRL RLOO's clipped ratio of whole completions)
+    (see docs/papers.md)."""
+    advantage_estimator: str = "grpo"
+    """grpo (group-normalised reward) | rloo (minus the mean of the other G-1) | reinforce_pp (REINFORCE++:
+    returns whitened over the global batch) | reinforce_pp_baseline (group mean subtracted first) | remax (minus
+    the reward of the prompt's greedy completion)."""
     scale_rewards: str = "group"
-    """group | batch | none (Dr. GRPO): what the group-centred reward is divided by (TRL's true: group, false: none)."""
+    """group | batch | none (Dr. GRPO): what the group-centred reward is divided by (TRL's true: group, false:
+    none). advantage_estimator grpo only."""
+    normalize_advantages: bool = False
+    """Whiten the advantages over the global batch, (A - mean) / (std + 1e-4), as TRL's RLOO option does
+    (advantage_estimator grpo, rloo or remax; reinforce_pp whitens already)."""
+    importance_sampling_level: str = "token"
+    """token: one ratio per token; sequence: GSPO's one ratio per completion, exp(mean token log-ratio)."""
     epsilon: float = 0.2
     """Lower clip range of the ratio."""
     epsilon_high: float = 0.0
-    """Upper clip range (clip-higher, DAPO); 0 means the same as epsilon."""
+    """Upper clip range (clip-higher, DAPO); 0 means the same as epsilon. For loss_type cispo, the bound of the
+    ratio itself (TRL's ε_max; ScaleRL uses 5.0), which cispo needs."""
+    delta: float = 0.0
+    """Two-sided clipping (INTELLECT-2): bound the ratio by delta for negative advantages too (> 1; 0: off)."""
+    clip_ratio_c: float = 0.0
+    """Dual-clip PPO (Ye et al. 2020): a negative advantage's loss is at most -clip_ratio_c·A (> 1, e.g. 3; 0: off)."""
+    cispo_two_sided: bool = False
+    """loss_type cispo: also bound the ratio below, at 1 - epsilon (default: upper bound only, as MiniMax-M1)."""
+    sapo_temperature_pos: float = 1.0
+    """loss_type sapo: temperature of the soft gate for positive advantages."""
+    sapo_temperature_neg: float = 1.05
+    """loss_type sapo: temperature of the soft gate for other advantages."""
     num_iterations: int = 1
     """Optimisation passes over each rollout batch (old log-probs cached at rollout)."""
     filter_zero_std_groups: bool = False
@@ -345,7 +374,28 @@ class GRPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     """Completions cut at max_completion_length contribute no loss."""
 
 
-STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """posttrain rloo: the grpo recipe with TRL RLOOTrainer's defaults and semantics."""
+
+    num_generations: int = 2
+    """Completions sampled per prompt (the group size G; TRL's RLOO default 2)."""
+    beta: float = 0.05
+    """Weight of the KL to the reference, subtracted from each completion's reward (0: no reference model)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: k1 (log π - log π_ref, RLOO's and TRL's) | k2 | k3 | k3_plus."""
+    kl_in_reward: bool = True
+    """Subtract beta·(the completion's summed KL) from its reward (RLOO); false: add beta·KL to the loss instead."""
+    advantage_estimator: str = "rloo"
+    """rloo (reward minus the mean of the other G-1 of its group), or any of posttrain grpo's."""
+    loss_type: str = "rloo"
+    """rloo: the clipped ratio of whole completions, exp(Σ token log-ratios), averaged over completions (TRL's
+    RLOOTrainer); or any of posttrain grpo's loss types."""
+
+
+STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
+                 "rloo": RLOOConfig}
+RL_STAGES = ("ppo", "grpo", "rloo")
 
 
 @functools.lru_cache(maxsize=None)
@@ -606,7 +656,7 @@ TRL_ALIASES: dict = {
     "lr_scheduler_kwargs": ("min_lr_rate", _min_lr_rate, None),
     "lr_scheduler_type": ("lr_scheduler_type", _lr_scheduler_type, None),
     "fsdp": ("fsdp", _fsdp, None),
-    "scale_rewards": ("scale_rewards", _scale_rewards, ("grpo",)),
+    "scale_rewards": ("scale_rewards", _scale_rewards, ("grpo", "rloo")),
     "cliprange": ("epsilon", None, ("ppo",)),
     "response_length": ("max_completion_length", None, ("ppo",)),
     "sft_model_path": ("model_name_or_path", None, ("ppo",)),
@@ -731,8 +781,7 @@ TRL_UNSUPPORTED: dict = {
     "generation_kwargs": ((), "use temperature, top_k, top_p and min_p"), "chat_template_kwargs": ((), _NO),
     "cast_lm_head_to_fp32": ((False,), "log-probs are taken in fp32 from fp32 weights unless dtype is bfloat16"),
     "num_generations_eval": (ANY, "the in-training evaluation is greedy, one completion per prompt"),
-    "delta": ((), _NO), "importance_sampling_level": (("token",), "ratios are per token"),
-    "sapo_temperature_neg": ((), _NO), "sapo_temperature_pos": ((), _NO), "vespo_k_pos": ((), _NO),
+    "reward_clip_range": ((), "use reward_clip c (the symmetric range [-c, c])"), "vespo_k_pos": ((), _NO),
     "vespo_lambda_pos": ((), _NO), "vespo_k_neg": ((), _NO), "vespo_lambda_neg": ((), _NO),
     "multi_objective_aggregation": ((), "rewards are summed with reward_weights, then group-normalised"),
     "top_entropy_quantile": ((1, 1.0), _NO), "entropy_coef": ((0, 0.0), "only posttrain ppo has an entropy bonus"),
@@ -808,13 +857,16 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "auto"),
     "attn_implementation": ("", "sdpa", "eager", "flash_attention_2"),
     "logps_normalization": ("sum", "mean"),
-    "kl_estimator": ("k1", "k2", "k3"),
+    "kl_estimator": ("k1", "k2", "k3", "k3_plus"),
+    "advantage_estimator": ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"),
+    "importance_sampling_level": ("token", "sequence"),
     "critic": ("separate", "shared"),
     "generation_cache": ("dynamic", "static"),
     "scale_rewards": ("group", "batch", "none"),
     "eval_strategy": ("no", "steps", "epoch"),
 }
-_LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo")}
+_LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo")}
+_LOSS_TYPES["rloo"] = _LOSS_TYPES["grpo"]
 
 
 def _ge(low):
@@ -890,13 +942,13 @@ _RANGES: dict = {
     "eval_max_rows": _ge(1),
     "eval_steps": _ge(0),
     "eval_split": _within(0, 1),
-    "beta": {"dpo": _gt(0), "grpo": _ge(0)},
+    "beta": {"dpo": _gt(0), "grpo": _ge(0), "rloo": _ge(0)},
     "label_smoothing": _within(0, 0.5),
     "rpo_alpha": _ge(0),
     "center_rewards_coefficient": _ge(0),
     "temperature": _gt(0),
     "top_k": _ge(0),
-    "max_completion_length": {"ppo": _ge(1), "grpo": _ge(1), "dpo": _ge(0)},
+    "max_completion_length": {"ppo": _ge(1), "grpo": _ge(1), "rloo": _ge(1), "dpo": _ge(0)},
     "top_p": (lambda v, cfg: 0 < v <= 1, "in (0, 1]"),
     "min_p": _within(0, 1),
     "repetition_penalty": (lambda v, cfg: v == 1.0, "1.0 (a penalty would make the sampled distribution differ from "
@@ -912,6 +964,10 @@ _RANGES: dict = {
     "epsilon": _open(0, 1),
     # the upper clip 1 + epsilon_high has no bound to respect (10 effectively switches it off); 0 means epsilon
     "epsilon_high": _ge(0),
+    "delta": (lambda v, cfg: v == 0 or v > 1, "0 (off) or > 1 (a bound below 1 would clip unchanged tokens)"),
+    "clip_ratio_c": (lambda v, cfg: v == 0 or v > 1, "0 (off) or > 1 (Ye et al. use 3)"),
+    "sapo_temperature_pos": _gt(0),
+    "sapo_temperature_neg": _gt(0),
     "cliprange_value": _ge(0),
     "vf_coef": _ge(0),
     "entropy_coef": _ge(0),
@@ -969,10 +1025,10 @@ def validate(stage: str, cfg, sources: dict | None = None, check_paths: bool = F
     _check_report_to(cfg, sources)
     if not cfg.dataset_name:
         raise UserError(f"field 'dataset_name' is required for `posttrain {stage}`")
-    if stage in ("ppo", "grpo") and cfg.save_strategy == "epoch":
+    if stage in RL_STAGES and cfg.save_strategy == "epoch":
         raise UserError(f"{_field('save_strategy', sources)}: epoch applies to sft, rm and dpo; posttrain {stage} "
                         "saves every save_steps rollout batches")
-    if stage in ("ppo", "grpo") and cfg.reward_weights:
+    if stage in RL_STAGES and cfg.reward_weights:
         count = len(cfg.reward_funcs) + bool(cfg.reward_model_name_or_path)
         if len(cfg.reward_weights) != count:
             raise UserError(f"{_field('reward_weights', sources)} has {len(cfg.reward_weights)} values for {count} reward sources")
@@ -984,8 +1040,35 @@ def validate(stage: str, cfg, sources: dict | None = None, check_paths: bool = F
         if mini % cfg.gradient_accumulation_steps:
             raise UserError(f"{_field('gradient_accumulation_steps', sources)}: {cfg.gradient_accumulation_steps} must "
                             f"divide the mini-batch of {mini} rollouts (per_device_train_batch_size / num_mini_batches)")
+    if stage in ("grpo", "rloo"):
+        _check_critic_free(cfg, sources)
     if check_paths:
         _check_paths(cfg, sources)
+
+
+def _check_critic_free(cfg, sources: dict | None) -> None:
+    """The combinations of advantage estimator, policy loss and KL placement that have a meaning."""
+    token_advantages = cfg.advantage_estimator.startswith("reinforce_pp")
+    if cfg.advantage_estimator != "grpo" and sources and "scale_rewards" in sources:
+        raise UserError(f"{_field('scale_rewards', sources)} applies to advantage_estimator grpo, not "
+                        f"{cfg.advantage_estimator} (see normalize_advantages)")
+    if cfg.normalize_advantages and token_advantages:
+        raise UserError(f"{_field('normalize_advantages', sources)}: {cfg.advantage_estimator} whitens its advantages already")
+    if cfg.loss_type == "rloo" and token_advantages:
+        raise UserError(f"{_field('loss_type', sources)}: rloo needs one advantage per completion; "
+                        f"{cfg.advantage_estimator} gives one per token")
+    if cfg.loss_type == "rloo" and cfg.importance_sampling_level != "token":
+        raise UserError(f"{_field('importance_sampling_level', sources)}: loss_type rloo has a ratio per completion already")
+    if cfg.loss_type == "cispo" and cfg.epsilon_high <= 1:
+        raise UserError(f"{_field('epsilon_high', sources)}: loss_type cispo needs epsilon_high > 1, the bound of its "
+                        f"ratio itself (TRL's ε_max, e.g. 5.0), got {cfg.epsilon_high}")
+    if (cfg.delta or cfg.clip_ratio_c) and cfg.loss_type in ("cispo", "sapo"):
+        name = "delta" if cfg.delta else "clip_ratio_c"
+        raise UserError(f"{_field(name, sources)} applies to the clipped losses, not loss_type {cfg.loss_type}")
+    if cfg.kl_in_reward and cfg.use_bias_correction_kl:
+        raise UserError(f"{_field('use_bias_correction_kl', sources)} corrects a KL loss term; kl_in_reward puts the KL in the reward")
+    if cfg.advantage_estimator == "remax" and cfg.rollout_engine != "hf":
+        raise UserError(f"{_field('advantage_estimator', sources)}: remax samples its greedy baseline with rollout_engine hf")
 
 
 REPORT_TO = ("none", "jsonl", "tensorboard", "wandb")

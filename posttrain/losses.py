@@ -33,6 +33,13 @@ __all__ = [
     "ppo_policy_loss",
     "value_loss",
     "group_advantages",
+    "rloo_advantages",
+    "reinforce_pp_advantages",
+    "remax_advantages",
+    "normalize_advantages",
+    "gspo_log_ratio",
+    "policy_token_losses",
+    "rloo_sequence_loss",
     "aggregate_loss",
     "entropy_from_logits",
     "chunked_head_logps",
@@ -40,9 +47,12 @@ __all__ = [
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3_plus")
 GROUP_SCALES = ("group", "batch", "none")
 AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+POLICY_LOSSES = ("clip", "cispo", "sapo")
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -187,6 +197,11 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     the gradient of k3 is biased, and that of k2 is the unbiased one of the
     KL (see ``bias_corrected_kl``).
 
+    k3_plus is k3's value with k2's gradient, straight-through
+    (k3 - sg[k2] + k2; verl's "k3+"): a non-negative, unbiased value whose
+    gradient (lp - rlp)·∇lp is the unbiased one of the KL when π is the
+    sampling policy.
+
     Shape: logprobs (B, T), ref_logprobs (B, T) -> (B, T).
     """
     _check_choice("kl_estimator", kind, KL_ESTIMATORS)
@@ -195,7 +210,11 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
         return -log_ratio
     if kind == "k2":
         return 0.5 * log_ratio**2
-    return torch.exp(log_ratio) - log_ratio - 1
+    k3 = torch.exp(log_ratio) - log_ratio - 1
+    if kind == "k3":
+        return k3
+    k2 = 0.5 * log_ratio**2
+    return k3.detach() + k2 - k2.detach()
 
 
 def bias_corrected_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
@@ -377,6 +396,215 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale == "batch":
         return centred / (rewards.std() + eps)
     return centred
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out advantages: each reward minus the mean of the other G-1 of its group.
+
+    Kool et al. 2019 ("Buy 4 REINFORCE samples, get a baseline for free!") and
+    Ahmadian et al., arXiv 2402.14740 §3: A_i = r_i - 1/(G-1) Σ_{j≠i} r_j, which is
+    G/(G-1)·(r_i - mean_g). Unscaled, as TRL's RLOOTrainer leaves it (see
+    ``normalize_advantages`` for its option).
+
+    Shape: rewards (N·G,) in groups of G consecutive completions -> (N·G,).
+    """
+    if group_size < 2:
+        raise ValueError("group_size must be >= 2: a group of one has no leave-one-out baseline")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).view(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int | None = None,
+                            kl: torch.Tensor | None = None, kl_coef: float = 0.0, reduce=None) -> torch.Tensor:
+    """REINFORCE++ advantages: returns-to-go of the token rewards, whitened over the whole batch.
+
+    REINFORCE++, arXiv 2501.03262: the score r is the reward of the last
+    token and -β·KL_t that of every token (γ = 1), so the return at t is
+    G_t = r - β Σ_{s≥t} KL_s; the advantages are G_t whitened over all
+    response tokens of the global batch (mean 0, std 1; ``whiten`` with
+    ``reduce`` summing over ranks), in place of a critic or a group baseline.
+    With ``group_size`` it is REINFORCE++-baseline: each score first
+    minus its group's mean, then the same global whitening. Without ``kl`` the
+    return is r at every token.
+
+    Shape: rewards (B,), mask (B, T), kl (B, T) detached or None -> (B, T), detached.
+    """
+    rewards = rewards.detach()
+    if group_size is not None:
+        if rewards.numel() % group_size:
+            raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+        grouped = rewards.view(-1, group_size)
+        rewards = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    mask = mask.to(rewards.dtype)
+    returns = rewards.unsqueeze(1) * mask
+    if kl is not None and kl_coef:
+        token_kl = kl.detach() * mask
+        # Σ_{s≥t} KL_s: a reversed cumulative sum along T
+        returns = returns - kl_coef * token_kl.flip(-1).cumsum(-1).flip(-1) * mask
+    return whiten(returns, mask, reduce=reduce)
+
+
+def remax_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+    """ReMax advantages: each sampled completion's reward minus that of its prompt's greedy completion.
+
+    ReMax, arXiv 2310.10505 (Algorithm 1): A = r(x, y) - r(x, ŷ) with ŷ
+    the greedy decoding of the current policy, a baseline that needs no critic
+    and no group.
+
+    Shape: rewards (N·G,) in groups of G consecutive completions, greedy_rewards (N,) -> (N·G,).
+    """
+    if rewards.numel() != greedy_rewards.numel() * group_size:
+        raise ValueError(f"{rewards.numel()} rewards for {greedy_rewards.numel()} greedy baselines x {group_size}")
+    return rewards - greedy_rewards.repeat_interleave(group_size)
+
+
+def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(A - mean(A)) / (std(A) + eps) over the whole batch: TRL RLOOTrainer's ``normalize_advantages``.
+
+    std is Bessel-corrected (TRL's nanstd); pass the advantages of the global
+    batch (every rank's), not one shard's.
+
+    Shape: advantages (B,) -> (B,).
+    """
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def gspo_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log s_{i,t} of GSPO-token: the sequence's length-normalised log-ratio in value, the token's gradient.
+
+    GSPO, arXiv 2507.18071 §4.1: s_i = (π(y_i)/π_old(y_i))^(1/|y_i|) =
+    exp(mean_t (log π - log π_old)); §4.3 (GSPO-token):
+    s_{i,t} = sg[s_i]·π(y_{i,t})/sg[π(y_{i,t})], so every token of y_i has the
+    value s_i (and is clipped with it) while its gradient is s_i·∇log π(y_{i,t}).
+    With one advantage per sequence this equals GSPO's (and TRL's
+    importance_sampling_level="sequence") loss and gradient under every
+    aggregation, and it also takes per-token advantages.
+
+    Shape: logprobs, old_logprobs, mask (B, T) -> (B, T).
+    """
+    sequence = masked_mean(logprobs - old_logprobs, mask, dim=-1).detach().unsqueeze(-1)
+    return sequence + logprobs - logprobs.detach()
+
+
+def policy_token_losses(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    loss: str = "clip",
+    importance_sampling_level: str = "token",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    clip_ratio_c: float | None = None,
+    cispo_two_sided: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token policy-gradient loss of the critic-free loop, before aggregation.
+
+    The ratio ρ is per token (exp(lp - old)) or GSPO's sequence ratio
+    (``gspo_log_ratio``). Then, with ε_h = epsilon_high (None: ε):
+
+    - clip:  -min(ρA, clip(ρ, 1-ε, 1+ε_h)A), PPO arXiv 1707.06347 Eq. 7 (see
+      ``ppo_token_losses``). ``delta`` bounds ρ ≤ δ in the unclipped term, so a
+      negative advantage cannot push an off-policy token without limit
+      (two-sided clipping of INTELLECT-2, arXiv 2505.07291; TRL's ``delta``).
+      ``clip_ratio_c`` is dual-clip PPO (Ye et al. 2020, arXiv 1912.09729):
+      for A < 0 the loss is min(-min(ρA, clip(ρ)A), -c·A).
+    - cispo: -sg[min(ρ, ε_h)]·A·log π, CISPO of MiniMax-M1 (arXiv 2506.13585,
+      the CISPO objective): the weight is clipped and detached, never the token's gradient;
+      here ε_h is the bound ε_max of the ratio itself (TRL's epsilon_high for
+      cispo, 5.0 in ScaleRL, arXiv 2510.13786). ``cispo_two_sided`` also
+      bounds it below at 1-ε (the paper's ε_low).
+    - sapo:  -(4/τ)·σ(τ(ρ-1))·A with τ = τ_pos for A > 0, τ_neg otherwise:
+      SAPO's soft gate in place of the hard clip (arXiv 2511.20347;
+      TRL's loss_type sapo). At ρ = 1 the gate's slope is 1, so the gradient is
+      -A·∇log π, as the clipped loss's is.
+
+    Shape: logprobs, old_logprobs, advantages (B, T) or (B, 1), mask (B, T) ->
+    ((B, T), stats of (B, T) detached indicators: clip_ratio, clip_ratio/low,
+    clip_ratio/high).
+    """
+    _check_choice("policy loss", loss, POLICY_LOSSES)
+    _check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    if importance_sampling_level == "token":
+        log_ratio = logprobs - old_logprobs
+    else:
+        log_ratio = gspo_log_ratio(logprobs, old_logprobs, mask)
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.expand_as(ratio)
+    zero = torch.zeros_like(ratio).detach()
+    if loss == "clip":
+        clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * advantages
+        unclipped = (torch.clamp(ratio, max=delta) if delta else ratio) * advantages
+        per_token = -torch.min(unclipped, clipped)
+        if clip_ratio_c:
+            per_token = torch.where(advantages < 0, torch.min(per_token, -clip_ratio_c * advantages), per_token)
+        with torch.no_grad():
+            low = ((ratio < 1 - epsilon) & (advantages < 0)).float()
+            high = ((ratio > 1 + eps_high) & (advantages > 0)).float()
+            if delta:
+                low = low + ((ratio > delta) & (advantages < 0)).float()
+            elif clip_ratio_c:
+                low = low + ((ratio > clip_ratio_c) & (advantages < 0)).float()
+    elif loss == "cispo":
+        weight = torch.clamp(ratio, min=1 - epsilon if cispo_two_sided else None, max=eps_high).detach()
+        per_token = -weight * advantages * logprobs
+        with torch.no_grad():
+            high = ((ratio > eps_high) & (advantages > 0)).float()
+            low = ((ratio < 1 - epsilon) & (advantages < 0)).float() if cispo_two_sided else zero
+    else:
+        tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg).to(ratio.dtype)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+        low, high = zero, zero  # a soft gate clips nothing
+    return per_token, {"clip_ratio": low + high, "clip_ratio/low": low, "clip_ratio/high": high}
+
+
+def rloo_sequence_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate on whole completions, the policy loss of TRL's RLOOTrainer.
+
+    ρ_i = π(y_i)/π_old(y_i) = exp(Σ_t (lp - old)), the ratio of the sequence's
+    probability, and L_i = -min(ρ_i A_i, clip(ρ_i, 1-ε, 1+ε_h) A_i): RLOO
+    (arXiv 2402.14740 §3) treats a completion as one action, so at ρ = 1 the
+    gradient is -A_i Σ_t ∇log π(y_{i,t}) (a sum over tokens, not a mean).
+    The caller averages L_i over completions.
+
+    Shape: logprobs, old_logprobs, mask (B, T), advantages (B,) -> ((B,), stats of (B,) detached indicators).
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(masked_sum(logprobs - old_logprobs, mask, dim=-1))
+    losses = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * advantages)
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon) & (advantages < 0)).float()
+        high = ((ratio > 1 + eps_high) & (advantages > 0)).float()
+    return losses, {"clip_ratio": low + high, "clip_ratio/low": low, "clip_ratio/high": high}
+
+
+def loss_aggregation(loss_type: str) -> tuple[str, str]:
+    """GRPO's ``loss_type`` -> (policy loss of ``policy_token_losses``, ``aggregate_loss`` mode).
+
+    grpo, bnpo, dr_grpo and dapo differ only in aggregation; cispo and sapo
+    also name their policy loss and aggregate as TRL does (cispo: tokens of the
+    whole accumulated batch, as dapo; sapo: per-sequence mean, as grpo).
+    """
+    if loss_type == "cispo":
+        return "cispo", "dapo"
+    if loss_type == "sapo":
+        return "sapo", "grpo"
+    _check_choice("loss_type", loss_type, AGGREGATIONS)
+    return "clip", loss_type
 
 
 def aggregate_loss(

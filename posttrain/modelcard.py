@@ -29,6 +29,8 @@ STAGE_FIELDS = {
             "cliprange_value", "vf_coef", "gamma", "lam", "critic", "reward_funcs", "temperature", "max_completion_length"),
     "grpo": ("beta", "loss_type", "num_generations", "num_iterations", "epsilon", "epsilon_high", "scale_rewards",
              "reward_funcs", "temperature", "max_completion_length"),
+    "rloo": ("beta", "kl_estimator", "kl_in_reward", "advantage_estimator", "loss_type", "num_generations",
+             "num_iterations", "epsilon", "reward_funcs", "temperature", "max_completion_length"),
 }
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapter")
 # bookkeeping keys of a log record that are not results

@@ -60,13 +60,14 @@ RANGES = {
     "eval_max_rows": (1, False, None, None),
     "eval_steps": (0, False, None, None),
     "eval_split": (0, False, 1, True),
-    "beta": {"dpo": (0, True, None, None), "grpo": (0, False, None, None)},
+    "beta": {"dpo": (0, True, None, None), "grpo": (0, False, None, None), "rloo": (0, False, None, None)},
     "label_smoothing": (0, False, 0.5, True),
     "rpo_alpha": (0, False, None, None),
     "center_rewards_coefficient": (0, False, None, None),
     "temperature": (0, True, None, None),
     "top_k": (0, False, None, None),
-    "max_completion_length": {"ppo": (1, False, None, None), "grpo": (1, False, None, None), "dpo": (0, False, None, None)},
+    "max_completion_length": {"ppo": (1, False, None, None), "grpo": (1, False, None, None), "rloo": (1, False, None, None),
+                              "dpo": (0, False, None, None)},
     "top_p": (0, True, 1, False),
     "min_p": (0, False, 1, True),
     "repetition_penalty": (1, False, 1, False),  # other values: sampled != scored
@@ -88,20 +89,25 @@ RANGES = {
     "reward_timeout_s": (0, False, None, None),
     "num_generations": (2, False, None, None),
     "num_iterations": (1, False, None, None),
+    "sapo_temperature_pos": (0, True, None, None),
+    "sapo_temperature_neg": (0, True, None, None),
 }
 # numeric fields whose rule is not one interval (they have strategies of their own below)
-SPECIAL = {"max_steps", "max_prompt_length", "tiny_hidden_size"}
+SPECIAL = {"max_steps", "max_prompt_length", "tiny_hidden_size", "delta", "clip_ratio_c"}  # the last two: 0 (off) or > 1
 CHOICES = {
     "lr_scheduler_type": {"cosine", "linear", "constant", "cosine_with_min_lr"},
     "save_strategy": {"steps", "epoch", "no"},
     "dtype": {"float32", "bfloat16", "auto"},
     "attn_implementation": {"", "sdpa", "eager", "flash_attention_2"},
     "logps_normalization": {"", "sum", "mean"},
-    "kl_estimator": {"k1", "k2", "k3"},
+    "kl_estimator": {"k1", "k2", "k3", "k3_plus"},
+    "advantage_estimator": {"grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"},
+    "importance_sampling_level": {"token", "sequence"},
     "critic": {"separate", "shared"},
     "scale_rewards": {"group", "batch", "none"},
     ("dpo", "loss_type"): {"sigmoid", "ipo", "hinge"},
-    ("grpo", "loss_type"): {"grpo", "bnpo", "dr_grpo", "dapo"},
+    ("grpo", "loss_type"): {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo"},
+    ("rloo", "loss_type"): {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo"},
 }
 
 
@@ -229,6 +235,9 @@ def bad_config(draw) -> tuple[str, dict]:
             return stage, case({**given, name: draw(st.one_of(st.integers(-BIG, 0), st.integers(limit, limit + BIG)))}, name)
         if name == "tiny_hidden_size":
             return stage, case({name: draw(st.integers(-BIG, 0))}, name)
+        if name in ("delta", "clip_ratio_c"):
+            bad = st.one_of(st.floats(-BIG, 0, exclude_max=True), st.floats(0, 1, exclude_min=True))
+            return stage, case({name: draw(bad)}, name)
         return stage, case({name: draw(out_of_range(fields[name], interval(stage, name)))}, name)
     if category == "nonfinite":
         name = draw(st.sampled_from(sorted(n for n, k in fields.items() if k == "float")))
@@ -454,7 +463,7 @@ def _reject(workspace, stage: str, *args, yaml_text: str | bytes | None = None, 
     ("sft", ["--learnig_rate", "1e-3"], "--learnig_rate: unknown field for posttrain sft; did you mean --learning_rate?"),
     ("sft", ["--learnig_rate=1e-3"], "--learnig_rate: unknown field for posttrain sft; did you mean --learning_rate?"),
     ("dpo", ["--conf", "x.yaml"], "--conf: unknown field for posttrain dpo; did you mean --config?"),
-    ("dpo", ["--kl_estimator", "k1"], "--kl_estimator: unknown field for posttrain dpo (it is a field of posttrain ppo)"),
+    ("dpo", ["--kl_estimator", "k1"], "--kl_estimator: unknown field for posttrain dpo (it is a field of posttrain ppo / grpo / rloo)"),
 ])
 def test_abbreviations_and_typos_are_rejected_with_a_suggestion(workspace, stage, args, expected):
     assert _reject(workspace, stage, *args) == f"posttrain: error: {expected}"

@@ -1,23 +1,32 @@
-"""Group Relative Policy Optimization with verifiable rewards.
+"""Group Relative Policy Optimization with verifiable rewards, and its critic-free kin (RLOO, REINFORCE++, ReMax).
 
     posttrain grpo --model_name_or_path runs/sft --dataset_name data/arith/prompts.jsonl
+    posttrain rloo --model_name_or_path runs/sft --dataset_name data/arith/prompts.jsonl
 
 Shao et al., arXiv 2402.03300 (DeepSeekMath) §4.1. Each step:
 
   1. rollout     G = num_generations completions per prompt in one batched call;
                  a prompt's G completions are consecutive rows and stay together
-  2. rewards     the reward sources, then group_advantages (no critic: the
-                 group's mean is the baseline); optionally drop groups whose
-                 rewards are all equal (they carry no signal)
-  3. cache       old log-probs (only when num_iterations > 1: otherwise the
-                 ratio is 1 at the one pass and old = current, detached) and
-                 reference log-probs (only when beta > 0: beta 0 loads no reference)
-  4. update      num_iterations passes: clipped ratio (epsilon, epsilon_high),
-                 + beta·k3 KL as a separate loss term, aggregated by loss_type
+  2. rewards     the reward sources; optionally drop groups whose rewards are
+                 all equal (they carry no signal)
+  3. cache       old log-probs (when num_iterations > 1, or for a KL in the
+                 reward: otherwise the ratio is 1 at the one pass and old =
+                 current, detached) and reference log-probs (only when beta > 0:
+                 beta 0 loads no reference); then the advantages of
+                 advantage_estimator (no critic): grpo (group-normalised),
+                 rloo (leave-one-out), reinforce_pp[_baseline] (global
+                 whitening), remax (minus the greedy completion's reward), with
+                 kl_in_reward's KL subtracted from the reward first
+  4. update      num_iterations passes: the policy loss of loss_type (clipped
+                 ratio per token or, importance_sampling_level sequence, GSPO's;
+                 cispo; sapo; rloo's whole-completion ratio), + beta·KL as a
+                 separate loss term unless it is in the reward, aggregated
 
 The loss types follow their papers: grpo (per-sequence mean, then mean),
 bnpo (token mean), dr_grpo (Dr. GRPO, sum / (B·max_completion_length)), dapo
-(DAPO, token mean over the whole accumulated batch). See docs/papers.md.
+(DAPO, token mean over the whole accumulated batch), cispo (CISPO, aggregated
+as dapo), sapo (SAPO, as grpo), rloo (TRL's RLOOTrainer). `posttrain rloo` is
+this recipe with TRL RLOOTrainer's defaults (config.RLOOConfig). See docs/papers.md.
 """
 
 from __future__ import annotations
@@ -32,13 +41,21 @@ from posttrain.losses import (
     bias_corrected_kl,
     group_advantages,
     kl_penalty,
+    loss_aggregation,
     masked_mean,
-    ppo_token_losses,
+    masked_sum,
+    normalize_advantages,
+    policy_token_losses,
+    reinforce_pp_advantages,
+    remax_advantages,
+    rloo_advantages,
+    rloo_sequence_loss,
 )
+from posttrain.modelcard import stage_of
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 from posttrain.rewards import RewardSources, check_required_fields
-from posttrain.rollout import GroupRollout, build_engine, sampling_stream
+from posttrain.rollout import GroupRollout, build_engine, generate, sampling_stream
 from posttrain.training import (
     StatsWindow,
     autocast,
@@ -71,9 +88,6 @@ def make_rollout(cfg, engine, policy, ref, rewards, prompts, step: int = 0) -> t
     scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in prompts for _ in range(G)],
                                   truncated=gen.truncated)
     scores = scores.to(mask.device)
-    # group statistics over the global batch: gather every rank's scores (groups never span ranks), keep ours
-    start = distributed.rank() * len(scores)
-    advantages = group_advantages(distributed.all_gather(scores), G, cfg.scale_rewards)[start:start + len(scores)]
     keep = group_filter(scores, G)
     stats = {"reward": scores.mean(), "reward_std": scores.view(-1, G).std(1).mean(),
              "frac_reward_zero_std": 1 - keep.float().mean(), "completion_length": mask.sum(-1).mean(),
@@ -89,31 +103,86 @@ def make_rollout(cfg, engine, policy, ref, rewards, prompts, step: int = 0) -> t
         return None, stats
     mask = mask * rows.float().unsqueeze(1)
     ids, attn = gen.input_ids, gen.attention_mask
+    kl_in_reward = cfg.beta > 0 and cfg.kl_in_reward
     with autocast(cfg.bf16):
-        old_logps = token_logps(policy, ids, attn, T, temperature=cfg.temperature) if cfg.num_iterations > 1 else None
+        rollout_logps = None
+        if cfg.num_iterations > 1 or kl_in_reward:
+            rollout_logps = token_logps(policy, ids, attn, T, temperature=cfg.temperature)
         ref_logps = None
         if cfg.beta:
             with reference_mode(policy, ref) as ref_model:
                 ref_logps = token_logps(ref_model, ids, attn, T, temperature=cfg.temperature)
-    return GroupRollout(ids, attn, mask, advantages * rows, rows, old_logps, ref_logps), stats
+    token_kl = kl_penalty(rollout_logps, ref_logps, cfg.kl_estimator) * mask if kl_in_reward else None
+    if token_kl is not None:
+        stats["kl"] = masked_mean(token_kl, mask)
+    greedy = greedy_scores(cfg, engine, policy, rewards, prompts) if cfg.advantage_estimator == "remax" else None
+    advantages = rollout_advantages(cfg, scores, mask, token_kl, greedy)
+    advantages = advantages * (rows.unsqueeze(1) if advantages.dim() == 2 else rows)
+    old_logps = rollout_logps if cfg.num_iterations > 1 else None
+    return GroupRollout(ids, attn, mask, advantages, rows, old_logps, ref_logps), stats
+
+
+def greedy_scores(cfg, engine, policy, rewards, prompts) -> torch.Tensor:
+    """(N,) reward of each prompt's greedy completion under the current policy: ReMax's baseline."""
+    gen = generate(policy, engine.tokenizer, [p.prompt_ids for p in prompts], cfg.max_completion_length, greedy=True)
+    scores, _ = rewards.score([p.prompt_text for p in prompts], gen.completions, [p.extra for p in prompts],
+                              raw_prompts=[p.prompt for p in prompts], truncated=gen.truncated)
+    return scores.to(gen.completion_mask.device)
+
+
+def rollout_advantages(cfg, scores, mask, token_kl, greedy) -> torch.Tensor:
+    """Step 2b: advantage_estimator on this rank's rows; (N·G,), or (N·G, T) for REINFORCE++.
+
+    Batch statistics are the global batch's: every rank's rewards are
+    gathered (groups never span ranks) and this rank's slice is kept, or,
+    for REINFORCE++'s token whitening, the sums run over ranks. With
+    kl_in_reward the KL enters each completion's reward (its sum, as TRL's
+    RLOO does) or, for REINFORCE++, each token's.
+    """
+    G, estimator = cfg.num_generations, cfg.advantage_estimator
+    if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        group = G if estimator == "reinforce_pp_baseline" else None
+        return reinforce_pp_advantages(scores, mask, group, token_kl, cfg.beta, reduce=distributed.all_sum)
+    rewards = scores if token_kl is None else scores - cfg.beta * masked_sum(token_kl, mask, dim=-1)
+    start, everyone = distributed.rank() * len(rewards), distributed.all_gather(rewards)
+    if estimator == "grpo":
+        advantages = group_advantages(everyone, G, cfg.scale_rewards)
+    elif estimator == "rloo":
+        advantages = rloo_advantages(everyone, G)
+    else:
+        advantages = remax_advantages(everyone, distributed.all_gather(greedy), G)
+    if cfg.normalize_advantages:
+        advantages = normalize_advantages(advantages)
+    return advantages[start:start + len(rewards)]
 
 
 def grpo_loss(cfg, policy, mb: GroupRollout, T: int, num_tokens: torch.Tensor):
-    """Step 4 on one micro-batch: clipped surrogate + beta·k3, aggregated by loss_type."""
+    """Step 4 on one micro-batch: the policy loss of loss_type (+ beta·KL unless it is in the reward), aggregated."""
     logps, entropy = token_logps(policy, mb.input_ids, mb.attention_mask, T, return_entropy=True,
                                  temperature=cfg.temperature)
     old = mb.old_logps if mb.old_logps is not None else logps.detach()
-    per_token, clip_stats = ppo_token_losses(logps, old, mb.advantages.unsqueeze(1), cfg.epsilon,
-                                             cfg.epsilon_high or None)
-    stats = {k: masked_mean(v, mb.mask) for k, v in clip_stats.items() if k != "approx_kl"}
-    if cfg.beta:
-        if cfg.use_bias_correction_kl:
-            kl = bias_corrected_kl(logps, mb.ref_logps, old)
-        else:
-            kl = kl_penalty(logps, mb.ref_logps, "k3")
-        per_token = per_token + cfg.beta * kl
+    stats, kl = {}, None
+    if cfg.beta and not cfg.kl_in_reward:
+        kl = bias_corrected_kl(logps, mb.ref_logps, old) if cfg.use_bias_correction_kl else \
+            kl_penalty(logps, mb.ref_logps, cfg.kl_estimator)
         stats["kl"] = masked_mean(kl.detach(), mb.mask)
-    loss = aggregate_loss(per_token, mb.mask, cfg.loss_type, cfg.max_completion_length, num_tokens)
+    if cfg.loss_type == "rloo":  # TRL's RLOOTrainer: one clipped ratio per completion, mean over completions
+        per_sequence, clip_stats = rloo_sequence_loss(logps, old, mb.advantages, mb.mask, cfg.epsilon, cfg.epsilon_high or None)
+        if kl is not None:
+            per_sequence = per_sequence + cfg.beta * masked_sum(kl, mb.mask, dim=-1)
+        loss = per_sequence.mean()
+        stats.update({k: masked_mean(v, mb.kept.float()) for k, v in clip_stats.items()})
+    else:
+        policy_loss, aggregation = loss_aggregation(cfg.loss_type)
+        advantages = mb.advantages if mb.advantages.dim() == 2 else mb.advantages.unsqueeze(1)
+        per_token, clip_stats = policy_token_losses(
+            logps, old, advantages, mb.mask, policy_loss, cfg.importance_sampling_level, cfg.epsilon,
+            cfg.epsilon_high or None, cfg.delta or None, cfg.clip_ratio_c or None, cfg.cispo_two_sided,
+            cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        if kl is not None:
+            per_token = per_token + cfg.beta * kl
+        loss = aggregate_loss(per_token, mb.mask, aggregation, cfg.max_completion_length, num_tokens)
+        stats.update({k: masked_mean(v, mb.mask) for k, v in clip_stats.items()})
     stats["entropy"] = masked_mean(entropy, mb.mask)
     return loss, stats
 
@@ -142,7 +211,7 @@ def update(cfg, policy, rollout: GroupRollout, optimizer, params, window: StatsW
             # dr_grpo divide by all the micro-batch's rows (a filtered row adds 0), bnpo's token mean (per
             # micro-batch, as TRL normalises it) is over the kept rows' tokens alone, so it counts those rows
             rows = mb.kept.sum() if cfg.loss_type == "bnpo" else mb.mask.shape[0]
-            weight = world if cfg.loss_type == "dapo" else world * rows / counted
+            weight = world if cfg.loss_type in ("dapo", "cispo") else world * rows / counted
             (loss * weight).backward()
             step_loss = step_loss + loss.detach() * weight
             window.add(stats)
@@ -175,6 +244,7 @@ def main(cfg) -> None:
             engine.load_weights(policy)
         return samples
 
-    record = run_rl(cfg, "grpo", steps, len(prompts), {"policy": policy}, optimizer, scheduler, rl_step, probe)
+    stage = stage_of(cfg)  # grpo, or rloo (this recipe with RLOO's defaults)
+    record = run_rl(cfg, stage, steps, len(prompts), {"policy": policy}, optimizer, scheduler, rl_step, probe)
     copies = {"policy": 1, "reference": int(ref is not None), "reward_model": len(rewards.models)}
-    finish(cfg, policy, tokenizer, record, "GRPO", {"model_copies": copies})
+    finish(cfg, policy, tokenizer, record, stage.upper(), {"model_copies": copies})
