@@ -38,7 +38,7 @@ from posttrain.losses import (
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 from posttrain.rewards import RewardSources, check_required_fields
-from posttrain.rollout import GroupRollout, build_engine
+from posttrain.rollout import GroupRollout, build_engine, sample
 from posttrain.training import (
     StatsWindow,
     autocast,
@@ -62,12 +62,12 @@ def group_filter(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def make_rollout(cfg, engine, policy, ref, rewards, prompts) -> tuple[GroupRollout | None, dict]:
     """Steps 1-3: sample G completions per prompt, score, group advantages, caches."""
     G = cfg.num_generations
-    gen = engine.generate([p.prompt_ids for p in prompts], num_return_sequences=G)
+    gen, episodes = sample(engine, prompts, G)  # episodes: multi-turn only (mask 0 on tool tokens)
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     texts = [p.prompt_text for p in prompts for _ in range(G)]
     extras = [p.extra for p in prompts for _ in range(G)]
     scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in prompts for _ in range(G)],
-                                  truncated=gen.truncated)
+                                  truncated=gen.truncated, environments=episodes and episodes.environments)
     scores = scores.to(mask.device)
     # group statistics over the global batch: gather every rank's scores (groups never span ranks), keep ours
     start = distributed.rank() * len(scores)
@@ -75,8 +75,9 @@ def make_rollout(cfg, engine, policy, ref, rewards, prompts) -> tuple[GroupRollo
     keep = group_filter(scores, G)
     stats = {"reward": scores.mean(), "reward_std": scores.view(-1, G).std(1).mean(),
              "frac_reward_zero_std": 1 - keep.float().mean(), "completion_length": mask.sum(-1).mean(),
-             "truncated_ratio": gen.truncated.float().mean(), **{k: v.mean() for k, v in parts.items()}}
-    samples = completion_samples(cfg, texts, gen.completions, scores)
+             "truncated_ratio": gen.truncated.float().mean(), **{k: v.mean() for k, v in parts.items()},
+             **(episodes.stats() if episodes else {})}
+    samples = completion_samples(cfg, texts, episodes.transcripts if episodes else gen.completions, scores)
     if samples:
         stats["samples"] = samples
     if cfg.mask_truncated_completions:
