@@ -193,8 +193,8 @@ class HFEngine:
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 cache: str = "dynamic", top_p: float = 1.0, min_p: float = 0.0):
-        self.model, self.tokenizer = model, tokenizer
+                 cache: str = "dynamic", top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False):
+        self.model, self.tokenizer, self.greedy = model, tokenizer, greedy
         self.max_new_tokens, self.temperature, self.top_k, self.cache = max_new_tokens, temperature, top_k, cache
         self.top_p, self.min_p = top_p, min_p
 
@@ -202,7 +202,7 @@ class HFEngine:
                  max_new_tokens: int | None = None) -> Generation:
         """``max_new_tokens`` (default: the engine's own) is a multi-turn trajectory's remaining budget."""
         return generate(self.model, self.tokenizer, prompt_ids, max_new_tokens or self.max_new_tokens, self.temperature,
-                        num_return_sequences=num_return_sequences, top_k=self.top_k, cache=self.cache,
+                        greedy=self.greedy, num_return_sequences=num_return_sequences, top_k=self.top_k, cache=self.cache,
                         top_p=self.top_p, min_p=self.min_p)
 
     def load_weights(self, model) -> None:
@@ -222,6 +222,11 @@ def build_engine(cfg, model, tokenizer):
         from posttrain.rewards import resolve_callable
 
         engine = resolve_callable(cfg.rollout_engine, "rollout_engine")(cfg=cfg, model=model, tokenizer=tokenizer)
+    return multi_turn(cfg, engine, tokenizer)
+
+
+def multi_turn(cfg, engine, tokenizer):
+    """``engine`` wrapped in a `MultiTurn` when the run has an environment or tools (its template checked), else itself."""
     from posttrain.environments import ToolRuntime, check_template
 
     runtime = ToolRuntime.from_config(cfg, tokenizer) if hasattr(cfg, "environment") else None
