@@ -72,8 +72,9 @@ def used_calculator(prompts, completions, environments=None, **_):
 class ScriptedEngine:
     """A rollout engine answering turn k of every trajectory with ``script[k]`` (+ EOS), cut at the budget."""
 
-    def __init__(self, tokenizer, script: list[str], max_new_tokens: int = 64):
+    def __init__(self, tokenizer, script: list[str], max_new_tokens: int = 64, alternate: bool = False):
         self.tokenizer, self.script, self.max_new_tokens = tokenizer, script, max_new_tokens
+        self.alternate = alternate  # odd rows of a group skip the script's first turn: some trajectories call no tool
         self.calls: list[list[list[int]]] = []  # the contexts of each generate call
 
     def generate(self, prompt_ids, num_return_sequences: int = 1, max_new_tokens: int | None = None):
@@ -82,8 +83,10 @@ class ScriptedEngine:
         rows = []
         for context in prompt_ids:
             turn = tok.decode(context).count("<|im_start|>user\n<tool_response>")
-            ids = tok(self.script[min(turn, len(self.script) - 1)], add_special_tokens=False)["input_ids"]
-            rows += [(ids + [tok.eos_token_id])[:budget]] * num_return_sequences
+            for k in range(num_return_sequences):
+                text = self.script[min(turn + (self.alternate and k % 2), len(self.script) - 1)]
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                rows.append((ids + [tok.eos_token_id])[:budget])
         width = max(len(r) for r in rows)
         completion = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
         ids, mask = left_pad([list(p) for p in prompt_ids], tok.pad_token_id)
@@ -128,3 +131,9 @@ def run_recipe(stage: str, output_dir, **fields) -> list[dict]:
     overrides.update({k: str(v) for k, v in fields.items()})
     importlib.import_module(f"posttrain.recipes.{stage}").main(load_config(stage, None, overrides))
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def scripted_engine(cfg, model, tokenizer):
+    """Even rows of a group call `add` once, then answer 5; odd rows answer 5 at once: the same samples, and
+    rewards that differ within each group, on any number of ranks."""
+    return ScriptedEngine(tokenizer, [CALL, "5"], cfg.max_completion_length, alternate=True)
