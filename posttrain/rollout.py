@@ -290,9 +290,16 @@ class MultiTurn:
         self.engine.load_weights(model)
 
     def _prompt_ids(self, prompt, observation: str | None) -> list[int]:
+        """The row's prompt ids with its first observation; rendered with the tools' schemas when there are tools
+        (a text prompt without tools stays text, as single-turn rollouts encode it)."""
         from posttrain.environments import prompt_messages, render_ids
 
-        ids = render_ids(self.tokenizer, prompt_messages(prompt.prompt, observation), self.runtime.schemas, True)
+        if not observation and not self.runtime.schemas:
+            return prompt.prompt_ids
+        if isinstance(prompt.prompt, str) and not self.runtime.schemas:
+            ids = self.tokenizer(prompt.prompt + observation, add_special_tokens=False)["input_ids"]
+        else:
+            ids = render_ids(self.tokenizer, prompt_messages(prompt.prompt, observation), self.runtime.schemas, True)
         return ids[-self.max_prompt_length:] if self.max_prompt_length else ids
 
     def _turn(self, contexts: list[list[int]], budgets: list[int], group_size: int = 1):
@@ -313,9 +320,7 @@ class MultiTurn:
         G, tok, runtime = group_size, self.tokenizer, self.runtime
         rows = [{"prompt": p.prompt, **p.extra} for p in prompts for _ in range(G)]
         envs, observations = runtime.reset(rows)
-        plain = not runtime.schemas
-        prompt_ids = [prompts[i // G].prompt_ids if plain and obs is None else self._prompt_ids(prompts[i // G], obs)
-                      for i, obs in enumerate(observations)]
+        prompt_ids = [self._prompt_ids(prompts[i // G], obs) for i, obs in enumerate(observations)]
         B = len(rows)
         # 1. first turn: a group's rows share their prompt, so sample them together (the single-turn layout)
         if all(prompt_ids[i] == prompt_ids[i - i % G] for i in range(B)):

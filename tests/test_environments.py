@@ -408,3 +408,18 @@ def test_multi_turn_run_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_q
     losses = [[r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] for out in (full, broken)]
     assert losses[0] == losses[1][-len(losses[0]):] and len(losses[0]) == 6
     assert all(r["tools/call_frequency"] == 1.0 for r in read_metrics(broken / "metrics.jsonl") if "loss" in r)
+
+
+def test_multi_turn_grpo_with_lora(tmp_path, tiny_qwen, arith_data):
+    """LoRA adapters train on tool-masked trajectories (the reference is the adapters switched off)."""
+    from agent_helpers import run_recipe
+
+    records = run_recipe("grpo", tmp_path, model_name_or_path=tiny_qwen, dataset_name=arith_data["prompts"],
+                         environment="agent_helpers:Calculator", reward_funcs="agent_helpers:used_calculator",
+                         rollout_engine="agent_helpers:scripted_engine", max_completion_length=150,
+                         per_device_train_batch_size=2, num_generations=2, max_steps=2, logging_steps=1,
+                         use_peft="true", lora_r=4, learning_rate=1e-2, beta=0.1)
+    trained = [r for r in records if "loss" in r]
+    assert len(trained) == 2 and trained[0]["tools/call_frequency"] == 0.5 and trained[0]["frac_reward_zero_std"] == 0.0
+    assert trained[1]["kl"] > 0, "the adapters moved the policy away from the reference"
+    assert (tmp_path / "adapter").is_dir()

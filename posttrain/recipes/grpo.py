@@ -6,6 +6,8 @@ Shao et al., arXiv 2402.03300 (DeepSeekMath) §4.1. Each step:
 
   1. rollout     G = num_generations completions per prompt in one batched call;
                  a prompt's G completions are consecutive rows and stay together
+                 (with an environment or tools: multi-turn trajectories, tool
+                 tokens masked out; see posttrain.rollout.MultiTurn)
   2. rewards     the reward sources, then group_advantages (no critic: the
                  group's mean is the baseline); optionally drop groups whose
                  rewards are all equal (they carry no signal)

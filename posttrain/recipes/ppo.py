@@ -6,7 +6,9 @@
 Schulman et al., arXiv 1707.06347, in the RLHF form of Ziegler et al.
 (arXiv 1909.08593) and Ouyang et al. (arXiv 2203.02155). Each step:
 
-  1. rollout   sample completions for a batch of prompts (KV cache, one call)
+  1. rollout   sample completions for a batch of prompts (KV cache, one call), or
+               multi-turn trajectories with an environment or tools (tool tokens
+               masked out; the score sits on the last model token)
   2. score     old log-probs, reference log-probs and values, once, cached —
                there is no "old actor" model copy; all log-probs are of
                softmax(z / temperature), the distribution that was sampled
