@@ -303,14 +303,17 @@ class MultiTurn:
         return ids[-self.max_prompt_length:] if self.max_prompt_length else ids
 
     def _turn(self, contexts: list[list[int]], budgets: list[int], group_size: int = 1):
-        """Sample one turn per context (G per context): (ids up to and including EOS, truncated) per row."""
+        """Sample one turn per context (G per context): (ids up to and including EOS, truncated, the engine's
+        sampling log-probs of those ids or None) per row."""
         kwargs = {"max_new_tokens": max(budgets)} if self.takes_budget else {}
         gen = self.engine.generate(contexts, num_return_sequences=group_size, **kwargs)
         out = []
         for i in range(gen.completion_ids.shape[0]):
-            ids = gen.completion_ids[i][gen.completion_mask[i].bool()].tolist()
+            n = int(gen.completion_mask[i].sum())
+            ids = gen.completion_ids[i][:n].tolist()
             budget = budgets[i // group_size]  # a row with a smaller budget than the call's is cut to its own
-            out.append((ids[:budget], bool(gen.truncated[i]) or len(ids) > budget))
+            logps = gen.sampling_logps[i][:min(n, budget)].tolist() if gen.sampling_logps is not None else None
+            out.append((ids[:budget], bool(gen.truncated[i]) or len(ids) > budget, logps))
         return out
 
     @torch.no_grad()
@@ -327,9 +330,10 @@ class MultiTurn:
             first = self._turn(prompt_ids[::G], [self.budget] * len(prompts), G)
         else:
             first = self._turn(prompt_ids, [self.budget] * B)
-        traj = [ids for ids, _ in first]
+        traj = [ids for ids, _, _ in first]
         mask = [[1] * len(ids) for ids in traj]
-        truncated = [cut for _, cut in first]
+        truncated = [cut for _, cut, _ in first]
+        logps = [lp for _, _, lp in first]  # the engine's sampling log-probs, 0 on tool tokens (None: not given)
         last = [tok.decode(ids, skip_special_tokens=True) for ids in traj]
         turns, calls_made, failures = [1] * B, [0] * B, [0] * B
         tables = [runtime.table(env) for env in envs]
@@ -355,25 +359,30 @@ class MultiTurn:
                     truncated[i] = True
                     continue
                 traj[i], mask[i] = traj[i] + suffix, mask[i] + [0] * len(suffix)
+                logps[i] = logps[i] + [0.0] * len(suffix) if logps[i] is not None else None
                 ready.append(i)
             if ready or (self.lockstep and distributed.any_rank(bool(ready))):
                 contexts = [prompt_ids[i] + traj[i] for i in ready] or [prompt_ids[0]]  # (a rank's stand-in row)
                 sampled = self._turn(contexts, [self.budget - len(traj[i]) for i in ready] or [1])
-                for i, (ids, cut) in zip(ready, sampled):
+                for i, (ids, cut, lp) in zip(ready, sampled):
                     traj[i], mask[i] = traj[i] + ids, mask[i] + [1] * len(ids)
+                    logps[i] = logps[i] + lp if logps[i] is not None and lp is not None else None
                     truncated[i], turns[i] = cut, turns[i] + 1
                     last[i] = tok.decode(ids, skip_special_tokens=True)
             pending = [i for i in ready if not truncated[i]]
-        gen = trajectory_generation(prompt_ids, traj, mask, truncated, last, tok)
+        gen = trajectory_generation(prompt_ids, traj, mask, truncated, last, tok,
+                                    sampling_logps=None if any(lp is None for lp in logps) else logps)
         episodes = Episodes(envs, torch.tensor(turns), torch.tensor(calls_made), torch.tensor(failures),
                             [tok.decode(ids, skip_special_tokens=True) for ids in traj])
         return gen, episodes
 
 
 def trajectory_generation(prompt_ids: list[list[int]], trajectories: list[list[int]], model_masks: list[list[int]],
-                          truncated: list[bool], texts: list[str], tokenizer, device=None) -> Generation:
+                          truncated: list[bool], texts: list[str], tokenizer, device=None,
+                          sampling_logps: list[list[float]] | None = None) -> Generation:
     """Lay out prompts and their trajectories (model and tool ids) for scoring, as `generation_from_ids` does:
-    the attention covers every trajectory token, the completion mask only the model's."""
+    the attention covers every trajectory token, the completion mask only the model's; ``sampling_logps``
+    (the engine's, per trajectory token, 0 on tool tokens) become `Generation.sampling_logps`."""
     pad_id = tokenizer.pad_token_id
     ids, prompt_mask = left_pad(prompt_ids, pad_id)
     T = max(1, max(len(t) for t in trajectories))
@@ -385,8 +394,13 @@ def trajectory_generation(prompt_ids: list[list[int]], trajectories: list[list[i
     if not any(trajectories):  # as generation_from_ids: one EOS column keeps shapes valid
         completion[:, 0], live[:, 0], model[:, 0] = tokenizer.eos_token_id, 1, 1
     device = device or distributed.device()
-    return Generation(torch.cat([ids, completion], 1).to(device), torch.cat([prompt_mask, live], 1).to(device),
-                      model.to(device), torch.tensor(truncated, device=device), list(texts))
+    gen = Generation(torch.cat([ids, completion], 1).to(device), torch.cat([prompt_mask, live], 1).to(device),
+                     model.to(device), torch.tensor(truncated, device=device), list(texts))
+    if sampling_logps is not None:
+        gen.sampling_logps = torch.zeros(len(trajectories), T, device=device)
+        for i, lp in enumerate(sampling_logps):
+            gen.sampling_logps[i, :len(lp)] = torch.tensor(lp, device=device)
+    return gen
 
 
 @dataclass

@@ -90,7 +90,9 @@ class ScriptedEngine:
         width = max(len(r) for r in rows)
         completion = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
         ids, mask = left_pad([list(p) for p in prompt_ids], tok.pad_token_id)
-        return generation_from_ids(ids, mask, completion, tok, num_return_sequences)
+        gen = generation_from_ids(ids, mask, completion, tok, num_return_sequences)
+        gen.sampling_logps = -(1 + torch.arange(width, dtype=torch.float32)).expand(len(rows), width) / 100  # -0.01, -0.02 ...
+        return gen
 
     def load_weights(self, model) -> None:
         pass

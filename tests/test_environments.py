@@ -157,6 +157,9 @@ def test_trajectory_is_sampled_ids_then_template_suffix_then_sampled_ids(tiny_qw
     assert second_context == first_context + ids(CALL) + eos + suffix
     assert "(a calculator is available)" in tok.decode(first_context) and "<tools>" in tok.decode(first_context)
     assert gen.completions == ["5"] * 4 and not gen.truncated.any()
+    # the engine's sampling log-probs travel with the ids they belong to; tool tokens get 0
+    first_turn = [-(k + 1) / 100 for k in range(len(ids(CALL)) + 1)]
+    torch.testing.assert_close(gen.sampling_logps[0], torch.tensor(first_turn + [0.0] * len(suffix) + [-0.01, -0.02]))
     assert episodes.turns.tolist() == [2] * 4 and episodes.tool_calls.tolist() == [1] * 4
     assert [env.calls for env in episodes.environments] == [1] * 4
     assert len({id(env) for env in episodes.environments}) == 4, "one environment instance per trajectory"
