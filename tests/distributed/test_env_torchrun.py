@@ -51,3 +51,17 @@ def test_multi_turn_two_ranks_equal_one_process(tmp_path, tiny_qwen, arith_data)
         for r, s in zip(one, ddp):
             assert r["tools/call_frequency"] == s["tools/call_frequency"] == calls
             assert r["num_turns"] == s["num_turns"] == 1 + calls
+
+
+@pytest.mark.slow
+def test_multi_turn_sampling_under_fsdp2_finishes(tmp_path, tiny_qwen, arith_data):
+    """Real sampling of every turn after the first (forced to call `add`) under FSDP2: every rank keeps stepping
+    its generate calls together, so ranks whose trajectories end at different turns do not deadlock."""
+    shutil.copy(HERE.parent / "agent_helpers.py", tmp_path / "agent_helpers.py")
+    prompts = first_lines(arith_data["prompts"], tmp_path / "prompts.jsonl", 16)
+    run = jobs(tmp_path / "fsdp", tiny_qwen, prompts, 2, ["--fsdp", "true"])
+    run = [[v if v != "agent_helpers:scripted_engine" else "agent_helpers:forced_call_engine" for v in job] for job in run]
+    launch(run, tmp_path, 2)
+    for stage in ("grpo", "ppo"):
+        records = [r for r in read_metrics(tmp_path / "fsdp" / stage / "metrics.jsonl") if "loss" in r]
+        assert len(records) == 2 and all(r["tools/call_frequency"] == 1.0 for r in records)
