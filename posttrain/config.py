@@ -457,9 +457,10 @@ def _coerce_list(name: str, value, source: str) -> list:
         raise UserError(f"{source}: field {name!r} expects a list, got {value!r}")
     out = []
     for item in items:
-        if name == "reward_funcs":
+        if name in ("reward_funcs", "tools"):
             if not isinstance(item, str) or _number_or_str(item) != item:
-                raise UserError(f"{source}: field {name!r}: {shown(item)} is not a reward name")
+                what = "a reward name" if name == "reward_funcs" else "a module:function name"
+                raise UserError(f"{source}: field {name!r}: {shown(item)} is not {what}")
             out.append(item)
         elif name == "reward_weights":
             number = _number_or_str(item) if isinstance(item, str) else item

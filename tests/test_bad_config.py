@@ -88,6 +88,9 @@ RANGES = {
     "reward_timeout_s": (0, False, None, None),
     "num_generations": (2, False, None, None),
     "num_iterations": (1, False, None, None),
+    "max_turns": (0, False, None, None),
+    "max_tool_response_length": (0, False, None, None),
+    "tool_timeout_s": (0, False, None, None),
 }
 # numeric fields whose rule is not one interval (they have strategies of their own below)
 SPECIAL = {"max_steps", "max_prompt_length", "tiny_hidden_size"}
@@ -167,7 +170,7 @@ def wrong_type(kind: str, name: str) -> tuple[st.SearchStrategy, st.SearchStrate
         if name != "reward_on_error":  # the only str field that takes a number
             junk = st.one_of(junk, st.integers(-5, 5), NON_INTEGRAL)
         return st.nothing(), junk
-    if name == "reward_funcs":
+    if name in ("reward_funcs", "tools"):
         return st.sampled_from(["5", "exact_match,3", "1e-3", "nan", "-2"]), \
             st.sampled_from([[1], [True], ["exact_match", 2.5], [None], [["a"]], {"a": 1}, True])
     if name == "reward_weights":
