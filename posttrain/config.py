@@ -243,7 +243,8 @@ class RewardConfig:
 @dataclass
 class RolloutConfig:
     max_completion_length: int = 64
-    """Most new tokens sampled per completion."""
+    """Most new tokens sampled per completion; with an environment or tools, every model and tool token of a
+    trajectory counts."""
     temperature: float = 1.0
     """Sampling temperature of rollouts."""
     top_k: int = 0
@@ -270,7 +271,27 @@ class RolloutConfig:
 
 
 @dataclass
-class PPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
+class EnvironmentConfig:
+    environment: str = ""
+    """Multi-turn rollouts: `module:Class` of an environment, one instance per trajectory (a no-argument
+    constructor; reset(**row) -> str | None, a first observation appended to the prompt; its public methods are
+    the model's tools; an optional get_reward() -> float is a reward source of weight 1). Reward functions then
+    receive `environments=`, one instance per completion, and `completions` is the model's last turn."""
+    tools: list = field(default_factory=list)
+    """Plain functions the model may call, as `module:function` (typed arguments, Google-style docstring)."""
+    max_turns: int = 4
+    """Most rounds of tool calls per trajectory (each followed by one more model turn)."""
+    max_tool_response_length: int = 256
+    """Tool results are cut to this many tokens (0: whole)."""
+    tool_timeout_s: float = 10.0
+    """A tool call still running after this many seconds answers the model with an error (0: no limit)."""
+    tool_call_parser: str = "auto"
+    """How tool calls are read from a model turn: hermes (<tool_call>{json}</tool_call>, Qwen), llama3_json,
+    `module:function` (text -> list of posttrain.environments.ToolCall), or auto (from the chat template)."""
+
+
+@dataclass
+class PPOConfig(EnvironmentConfig, DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     learning_rate: float = 3e-6
     """Peak learning rate of AdamW (actor and critic)."""
     critic_learning_rate: float = 0.0
@@ -317,7 +338,7 @@ class PPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
 
 
 @dataclass
-class GRPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
+class GRPOConfig(EnvironmentConfig, DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     learning_rate: float = 1e-6
     """Peak learning rate of AdamW."""
     ref_model_name_or_path: str = ""
@@ -487,9 +508,10 @@ def _coerce_list(name: str, value, source: str) -> list:
         raise UserError(f"{source}: field {name!r} expects a list, got {value!r}")
     out = []
     for item in items:
-        if name == "reward_funcs":
+        if name in ("reward_funcs", "tools"):
             if not isinstance(item, str) or _number_or_str(item) != item:
-                raise UserError(f"{source}: field {name!r}: {shown(item)} is not a reward name")
+                what = "a reward name" if name == "reward_funcs" else "a module:function name"
+                raise UserError(f"{source}: field {name!r}: {shown(item)} is not {what}")
             out.append(item)
         elif name == "reward_weights":
             number = _number_or_str(item) if isinstance(item, str) else item
@@ -525,6 +547,9 @@ def load_config(stage: str, config_file: str | None, overrides: dict[str, str], 
     _apply(stage, [(key, value, f"--{key}") for key, value in overrides.items()], values, sources)
     if values.get("reward_model_name_or_path") and "reward_funcs" not in sources:
         # a reward model and no rule named: score with the model alone, as TRL does (exact_match needs `answer`)
+        values["reward_funcs"] = []
+    if values.get("environment") and "reward_funcs" not in sources:
+        # an environment and no rule named: its get_reward scores, as in TRL (exact_match needs `answer`)
         values["reward_funcs"] = []
     cfg = cls(**values)
     validate(stage, cfg, sources, check_paths=check_paths)
@@ -978,6 +1003,9 @@ _RANGES: dict = {
     "reward_on_error": (_raise_or_number, "`raise` or a finite number"),
     "num_generations": (lambda v, cfg: v >= 2, ">= 2 (a group needs a baseline)"),
     "num_iterations": _ge(1),
+    "max_turns": _ge(0),
+    "max_tool_response_length": _ge(0),
+    "tool_timeout_s": _ge(0),
 }
 # a rule that reads another field: where that one was given, when this one was not
 _RANGES_READ = {"max_prompt_length": "max_length", "tiny_hidden_size": "tiny_num_heads"}

@@ -46,7 +46,7 @@ from posttrain.errors import UserError
 from posttrain.losses import masked_sum
 from posttrain.models import load_causal_lm, load_tokenizer, token_logps
 from posttrain.rewards import RewardSource, RewardSources, check_required_fields, resolve_reward_func
-from posttrain.rollout import generate
+from posttrain.rollout import HFEngine, generate, multi_turn, sample
 from posttrain.training import autocast
 
 
@@ -302,6 +302,8 @@ def rl_evaluation(cfg, model, tokenizer, rewards: RewardSources) -> Callable[[],
     answers = all("answer" in p.extra for p in prompts)
     exact = RewardSources([RewardSource("exact_match", 1.0, func=resolve_reward_func("exact_match"))], 0)
     size = cfg.per_device_train_batch_size * getattr(cfg, "num_generations", 1)  # the sequences of a rollout
+    # greedy turns; with an environment or tools, whole greedy trajectories (tool calls run as in training)
+    engine = multi_turn(cfg, HFEngine(model, tokenizer, cfg.max_completion_length, greedy=True), tokenizer)
 
     def evaluate() -> dict:
         sums: dict = {}
@@ -309,11 +311,12 @@ def rl_evaluation(cfg, model, tokenizer, rewards: RewardSources) -> Callable[[],
         with _eval_mode(model, seed=cfg.seed):
             for indices, counted in _rank_batches(len(prompts), size):
                 chunk = [prompts[i] for i in indices]
-                gen = generate(model, tokenizer, [p.prompt_ids for p in chunk], cfg.max_completion_length, greedy=True)
+                gen, episodes = sample(engine, chunk)
                 texts, extras = [p.prompt_text for p in chunk], [p.extra for p in chunk]
                 reward, _ = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in chunk],
-                                          truncated=gen.truncated)
-                stats = {"reward": reward.float().mean(), "completion_length": gen.completion_mask.sum(-1).float().mean()}
+                                          truncated=gen.truncated, environments=episodes and episodes.environments)
+                stats = {"reward": reward.float().mean(), "completion_length": gen.completion_mask.sum(-1).float().mean(),
+                         **(episodes.stats() if episodes else {})}
                 if answers:
                     stats["greedy_accuracy"] = _correct(exact.score(texts, gen.completions, extras)[1]).float().mean()
                 _add(sums, stats, len(chunk) * counted)

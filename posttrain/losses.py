@@ -96,6 +96,18 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None)
     return (values * mask).sum(dim)
 
 
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last position of mask 1 (0 for a row with none): where a sequence reward goes.
+
+    Equal to ``mask.sum(-1) - 1`` for a mask that is one run of ones from column 0 (a single-turn
+    completion); a multi-turn trajectory's mask has gaps (tool tokens), and its last model token is later.
+
+    Shape: mask (B, T) -> (B,) long.
+    """
+    columns = torch.arange(mask.shape[-1], device=mask.device)
+    return (columns * (mask > 0)).amax(-1).long()
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """sum(values * mask) / sum(mask) over ``dim``; an empty mask gives 0, not NaN."""
     return masked_sum(values, mask, dim) / mask.sum(dim).clamp_min(1)

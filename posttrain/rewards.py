@@ -225,7 +225,8 @@ def run_with_timeout(fn: Callable, timeout_s: float, what: str, batch: int):
 
 
 def call_reward_func(source: RewardSource, prompts: list[str], completions: list[str], extras: list[dict],
-                     on_error: float | None = None, timeout_s: float = 0.0) -> tuple[list[float], list[bool]]:
+                     on_error: float | None = None, timeout_s: float = 0.0,
+                     environments: list | None = None) -> tuple[list[float], list[bool]]:
     """Run one rule reward once on the batch: (values, errors), one of each per completion.
 
     The function is called exactly once (it may have side effects or cost
@@ -236,6 +237,8 @@ def call_reward_func(source: RewardSource, prompts: list[str], completions: list
     (and the row, where the row is known) when ``on_error`` is None. With
     ``on_error`` a number, each offending row (every row, when the call
     itself failed) is scored ``on_error`` instead and flagged in ``errors``.
+    ``environments`` (multi-turn rollouts: one environment instance per
+    completion) is passed on as the keyword ``environments``, as TRL does.
     """
     n = len(completions)
     what = f"reward function {source.name!r}"
@@ -261,6 +264,8 @@ def call_reward_func(source: RewardSource, prompts: list[str], completions: list
                    + (f" ({len(missing)} rows of {n})" if len(missing) > 1 else ""), missing)
 
     columns = {k: [row.get(k) for row in extras] for row in extras for k in row}
+    if environments is not None:
+        columns["environments"] = environments
     try:
         values = run_with_timeout(lambda: source.func(prompts=prompts, completions=completions, **columns),
                                   timeout_s, what, n)
@@ -348,8 +353,13 @@ class RewardSources:
             rm_tokenizer = load_tokenizer(path, field) if _has_tokenizer(path) else tokenizer
             sources.append(RewardSource("reward_model", float(weights[len(names)]), model=model, tokenizer=rm_tokenizer,
                                         path=str(path)))
+        if getattr(cfg, "environment", ""):  # an environment's get_reward(): a source of weight 1, as in TRL
+            from posttrain.environments import environment_reward_source
+
+            sources += [s for s in [environment_reward_source(cfg.environment)] if s is not None]
         if not sources:
-            raise UserError("no reward source: set reward_funcs or reward_model_name_or_path")
+            raise UserError("no reward source: set reward_funcs or reward_model_name_or_path (or give the environment "
+                            "a get_reward method)")
         return cls(sources, cfg.reward_clip, tokenizer, on_error=on_error, timeout_s=timeout_s,
                    missing_eos_penalty=cfg.missing_eos_penalty)
 
@@ -360,7 +370,8 @@ class RewardSources:
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], extras: list[dict],
               raw_prompts: list[str | list[dict]] | None = None,
-              truncated: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              truncated: torch.Tensor | None = None,
+              environments: list | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B,) total reward and {"rewards/<name>": (B,)} per source (+ "rewards/errors", 0/1 per row, when
         ``on_error`` is a number: its mean is the share of rows some source failed on).
 
@@ -369,7 +380,9 @@ class RewardSources:
         which reward models need to re-render each row as RM training did.
         ``truncated`` (B,) bool (``Generation.truncated``; None: all finished)
         marks completions without EOS: reward models score them without one,
-        and the total of each loses ``missing_eos_penalty``.
+        and the total of each loses ``missing_eos_penalty``. ``environments``
+        (one instance per completion, multi-turn rollouts) reach rule rewards
+        as the keyword ``environments``.
         """
         truncated = torch.zeros(len(completions), dtype=torch.bool) if truncated is None else truncated.bool().cpu()
         parts = {}
@@ -377,7 +390,8 @@ class RewardSources:
         errors = torch.zeros(len(completions))
         for source in self.sources:
             if source.func is not None:
-                values, failed = call_reward_func(source, prompts, completions, extras, self.on_error, self.timeout_s)
+                values, failed = call_reward_func(source, prompts, completions, extras, self.on_error, self.timeout_s,
+                                                 environments)
                 values, failed = torch.tensor(values, dtype=torch.float32), torch.tensor(failed, dtype=torch.bool)
             else:
                 values, failed = self.model_scores(source, raw_prompts, completions, truncated)

@@ -194,14 +194,16 @@ class HFEngine:
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 cache: str = "dynamic", top_p: float = 1.0, min_p: float = 0.0):
-        self.model, self.tokenizer = model, tokenizer
+                 cache: str = "dynamic", top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False):
+        self.model, self.tokenizer, self.greedy = model, tokenizer, greedy
         self.max_new_tokens, self.temperature, self.top_k, self.cache = max_new_tokens, temperature, top_k, cache
         self.top_p, self.min_p = top_p, min_p
 
-    def generate(self, prompt_ids: list[list[int]], num_return_sequences: int = 1) -> Generation:
-        return generate(self.model, self.tokenizer, prompt_ids, self.max_new_tokens, self.temperature,
-                        num_return_sequences=num_return_sequences, top_k=self.top_k, cache=self.cache,
+    def generate(self, prompt_ids: list[list[int]], num_return_sequences: int = 1,
+                 max_new_tokens: int | None = None) -> Generation:
+        """``max_new_tokens`` (default: the engine's own) is a multi-turn trajectory's remaining budget."""
+        return generate(self.model, self.tokenizer, prompt_ids, max_new_tokens or self.max_new_tokens, self.temperature,
+                        greedy=self.greedy, num_return_sequences=num_return_sequences, top_k=self.top_k, cache=self.cache,
                         top_p=self.top_p, min_p=self.min_p)
 
     def load_weights(self, model) -> None:
@@ -229,16 +231,197 @@ def sampling_stream(seed: int, step: int):
 
 
 def build_engine(cfg, model, tokenizer):
-    """``rollout_engine``: `hf`, or `module:factory` called as factory(cfg=..., model=..., tokenizer=...)."""
+    """``rollout_engine``: `hf`, or `module:factory` called as factory(cfg=..., model=..., tokenizer=...);
+    wrapped in a `MultiTurn` when the run has an environment or tools."""
     if cfg.rollout_engine == "hf":
         if cfg.generation_cache == "static" and distributed.device().type != "cuda":
             raise UserError(f"field 'generation_cache': static needs a CUDA device (this run is on "
                             f"{distributed.device().type}); use dynamic")
-        return HFEngine(model, tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_k,
-                        cfg.generation_cache, cfg.top_p, cfg.min_p)
-    from posttrain.rewards import resolve_callable
+        engine = HFEngine(model, tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_k,
+                          cfg.generation_cache, cfg.top_p, cfg.min_p)
+    else:
+        from posttrain.rewards import resolve_callable
 
-    return resolve_callable(cfg.rollout_engine, "rollout_engine")(cfg=cfg, model=model, tokenizer=tokenizer)
+        engine = resolve_callable(cfg.rollout_engine, "rollout_engine")(cfg=cfg, model=model, tokenizer=tokenizer)
+    return multi_turn(cfg, engine, tokenizer)
+
+
+def multi_turn(cfg, engine, tokenizer):
+    """``engine`` wrapped in a `MultiTurn` when the run has an environment or tools (its template checked), else itself."""
+    from posttrain.environments import ToolRuntime, check_template
+
+    runtime = ToolRuntime.from_config(cfg, tokenizer) if hasattr(cfg, "environment") else None
+    if runtime is None:
+        return engine
+    check_template(tokenizer, runtime.schemas)
+    return MultiTurn(engine, tokenizer, runtime, cfg.max_completion_length, cfg.max_turns, cfg.max_prompt_length)
+
+
+def sample(engine, prompts: list, group_size: int = 1) -> tuple[Generation, Episodes | None]:
+    """``group_size`` completions per prompt (`PromptExample`s), groups in consecutive rows: one turn each, or
+    multi-turn trajectories (with their `Episodes`) when ``engine`` is a `MultiTurn`."""
+    if isinstance(engine, MultiTurn):
+        return engine.sample(prompts, group_size)
+    return engine.generate([p.prompt_ids for p in prompts], num_return_sequences=group_size), None
+
+
+# ------------------------------------------------------------------ multi-turn trajectories
+
+
+@dataclass
+class Episodes:
+    """What a multi-turn rollout adds to its `Generation`, one entry per trajectory (row)."""
+
+    environments: list  # (B,) the trajectory's own environment instance (None with plain tools only)
+    turns: torch.Tensor  # (B,) model turns sampled
+    tool_calls: torch.Tensor  # (B,) tool calls made
+    tool_failures: torch.Tensor  # (B,) calls answered with an error (raised, timed out, unknown tool, malformed)
+    transcripts: list[str]  # (B,) everything after the prompt, model and tool turns, decoded
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        calls = self.tool_calls.sum()
+        return {"num_turns": self.turns.float().mean(), "tools/call_frequency": self.tool_calls.float().mean(),
+                "tools/failure_frequency": self.tool_failures.sum() / calls.clamp_min(1)}
+
+
+class MultiTurn:
+    """An engine that samples trajectories: model turn, tool calls, tool turn, model turn, ... token-exact.
+
+    The first turn of a group samples its G rows in one call, as single-turn
+    rollouts do (bit-identical when no tool is called). Each later turn samples
+    one continuation per trajectory still calling tools, from its whole context
+    ``[prompt | turns so far]`` as ids. Tool turns are the template's suffix ids
+    (`environments.tool_suffix_ids`); they are attended to but carry mask 0.
+    ``max_completion_length`` bounds every model and tool token after the
+    prompt: a tool turn that would reach it is not appended and, like a model
+    turn cut by it, makes the trajectory truncated. At most ``max_turns`` rounds
+    of tool calls run; the model's turn after the last round ends the trajectory.
+    """
+
+    def __init__(self, engine, tokenizer, runtime, max_completion_length: int, max_turns: int, max_prompt_length: int = 0):
+        import inspect
+
+        self.engine, self.tokenizer, self.runtime = engine, tokenizer, runtime
+        self.budget, self.max_turns, self.max_prompt_length = max_completion_length, max_turns, max_prompt_length
+        self.takes_budget = "max_new_tokens" in inspect.signature(engine.generate).parameters
+        model = getattr(engine, "model", None)
+        self.lockstep = model is not None and bool(distributed.generation_kwargs(model))  # FSDP2: every rank generates
+
+    def load_weights(self, model) -> None:
+        self.engine.load_weights(model)
+
+    def _prompt_ids(self, prompt, observation: str | None) -> list[int]:
+        """The row's prompt ids with its first observation; rendered with the tools' schemas when there are tools
+        (a text prompt without tools stays text, as single-turn rollouts encode it)."""
+        from posttrain.environments import prompt_messages, render_ids
+
+        if not observation and not self.runtime.schemas:
+            return prompt.prompt_ids
+        if isinstance(prompt.prompt, str) and not self.runtime.schemas:
+            ids = self.tokenizer(prompt.prompt + observation, add_special_tokens=False)["input_ids"]
+        else:
+            ids = render_ids(self.tokenizer, prompt_messages(prompt.prompt, observation), self.runtime.schemas, True)
+        return ids[-self.max_prompt_length:] if self.max_prompt_length else ids
+
+    def _turn(self, contexts: list[list[int]], budgets: list[int], group_size: int = 1):
+        """Sample one turn per context (G per context): (ids up to and including EOS, truncated, the engine's
+        sampling log-probs of those ids or None) per row."""
+        kwargs = {"max_new_tokens": max(budgets)} if self.takes_budget else {}
+        gen = self.engine.generate(contexts, num_return_sequences=group_size, **kwargs)
+        out = []
+        for i in range(gen.completion_ids.shape[0]):
+            n = int(gen.completion_mask[i].sum())
+            ids = gen.completion_ids[i][:n].tolist()
+            budget = budgets[i // group_size]  # a row with a smaller budget than the call's is cut to its own
+            logps = gen.sampling_logps[i][:min(n, budget)].tolist() if gen.sampling_logps is not None else None
+            out.append((ids[:budget], bool(gen.truncated[i]) or len(ids) > budget, logps))
+        return out
+
+    @torch.no_grad()
+    def sample(self, prompts: list, group_size: int = 1) -> tuple[Generation, Episodes]:
+        from posttrain.environments import clip_tool_response, tool_suffix_ids
+
+        G, tok, runtime = group_size, self.tokenizer, self.runtime
+        rows = [{"prompt": p.prompt, **p.extra} for p in prompts for _ in range(G)]
+        envs, observations = runtime.reset(rows)
+        prompt_ids = [self._prompt_ids(prompts[i // G], obs) for i, obs in enumerate(observations)]
+        B = len(rows)
+        # 1. first turn: a group's rows share their prompt, so sample them together (the single-turn layout)
+        if all(prompt_ids[i] == prompt_ids[i - i % G] for i in range(B)):
+            first = self._turn(prompt_ids[::G], [self.budget] * len(prompts), G)
+        else:
+            first = self._turn(prompt_ids, [self.budget] * B)
+        traj = [ids for ids, _, _ in first]
+        mask = [[1] * len(ids) for ids in traj]
+        truncated = [cut for _, cut, _ in first]
+        logps = [lp for _, _, lp in first]  # the engine's sampling log-probs, 0 on tool tokens (None: not given)
+        last = [tok.decode(ids, skip_special_tokens=True) for ids in traj]
+        turns, calls_made, failures = [1] * B, [0] * B, [0] * B
+        tables = [runtime.table(env) for env in envs]
+        pending = [i for i in range(B) if not truncated[i]]
+        # 2. rounds of tool calls: parse, run the batch's calls at once, append tool turns, sample the next turns
+        for _ in range(self.max_turns):
+            calls = {i: runtime.parser(last[i]) for i in pending}
+            pending = [i for i in pending if calls[i]]
+            if not (distributed.any_rank(bool(pending)) if self.lockstep else pending):
+                break
+            flat = [(tables[i], call) for i in pending for call in calls[i]]
+            results = iter(runtime.run(flat))
+            ready = []
+            for i in pending:
+                answered = []
+                for call in calls[i]:
+                    content, failed = next(results)
+                    calls_made[i] += 1
+                    failures[i] += failed
+                    answered.append((call.name or "unknown", clip_tool_response(tok, content, runtime.max_tool_response_length)))
+                suffix = tool_suffix_ids(tok, answered, runtime.schemas)
+                if len(traj[i]) + len(suffix) >= self.budget:  # no room for the result and a reply
+                    truncated[i] = True
+                    continue
+                traj[i], mask[i] = traj[i] + suffix, mask[i] + [0] * len(suffix)
+                logps[i] = logps[i] + [0.0] * len(suffix) if logps[i] is not None else None
+                ready.append(i)
+            if ready or (self.lockstep and distributed.any_rank(bool(ready))):
+                contexts = [prompt_ids[i] + traj[i] for i in ready] or [prompt_ids[0]]  # (a rank's stand-in row)
+                sampled = self._turn(contexts, [self.budget - len(traj[i]) for i in ready] or [1])
+                for i, (ids, cut, lp) in zip(ready, sampled):
+                    traj[i], mask[i] = traj[i] + ids, mask[i] + [1] * len(ids)
+                    logps[i] = logps[i] + lp if logps[i] is not None and lp is not None else None
+                    truncated[i], turns[i] = cut, turns[i] + 1
+                    last[i] = tok.decode(ids, skip_special_tokens=True)
+            pending = [i for i in ready if not truncated[i]]
+        gen = trajectory_generation(prompt_ids, traj, mask, truncated, last, tok,
+                                    sampling_logps=None if any(lp is None for lp in logps) else logps)
+        episodes = Episodes(envs, torch.tensor(turns), torch.tensor(calls_made), torch.tensor(failures),
+                            [tok.decode(ids, skip_special_tokens=True) for ids in traj])
+        return gen, episodes
+
+
+def trajectory_generation(prompt_ids: list[list[int]], trajectories: list[list[int]], model_masks: list[list[int]],
+                          truncated: list[bool], texts: list[str], tokenizer, device=None,
+                          sampling_logps: list[list[float]] | None = None) -> Generation:
+    """Lay out prompts and their trajectories (model and tool ids) for scoring, as `generation_from_ids` does:
+    the attention covers every trajectory token, the completion mask only the model's; ``sampling_logps``
+    (the engine's, per trajectory token, 0 on tool tokens) become `Generation.sampling_logps`."""
+    pad_id = tokenizer.pad_token_id
+    ids, prompt_mask = left_pad(prompt_ids, pad_id)
+    T = max(1, max(len(t) for t in trajectories))
+    completion = torch.full((len(trajectories), T), pad_id, dtype=ids.dtype)
+    live, model = torch.zeros_like(completion), torch.zeros(len(trajectories), T)
+    for i, (t, m) in enumerate(zip(trajectories, model_masks)):
+        completion[i, :len(t)] = torch.tensor(t, dtype=ids.dtype)
+        live[i, :len(t)], model[i, :len(m)] = 1, torch.tensor(m, dtype=model.dtype)
+    if not any(trajectories):  # as generation_from_ids: one EOS column keeps shapes valid
+        completion[:, 0], live[:, 0], model[:, 0] = tokenizer.eos_token_id, 1, 1
+    device = device or distributed.device()
+    gen = Generation(torch.cat([ids, completion], 1).to(device), torch.cat([prompt_mask, live], 1).to(device),
+                     model.to(device), torch.tensor(truncated, device=device), list(texts))
+    if sampling_logps is not None:
+        gen.sampling_logps = torch.zeros(len(trajectories), T, device=device)
+        for i, lp in enumerate(sampling_logps):
+            gen.sampling_logps[i, :len(lp)] = torch.tensor(lp, device=device)
+    return gen
 
 
 @dataclass

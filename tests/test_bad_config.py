@@ -91,6 +91,9 @@ RANGES = {
     "num_iterations": (1, False, None, None),
     "sapo_temperature_pos": (0, True, None, None),
     "sapo_temperature_neg": (0, True, None, None),
+    "max_turns": (0, False, None, None),
+    "max_tool_response_length": (0, False, None, None),
+    "tool_timeout_s": (0, False, None, None),
 }
 # numeric fields whose rule is not one interval (they have strategies of their own below)
 SPECIAL = {"max_steps", "max_prompt_length", "tiny_hidden_size", "delta", "clip_ratio_c"}  # the last two: 0 (off) or > 1
@@ -173,7 +176,7 @@ def wrong_type(kind: str, name: str) -> tuple[st.SearchStrategy, st.SearchStrate
         if name != "reward_on_error":  # the only str field that takes a number
             junk = st.one_of(junk, st.integers(-5, 5), NON_INTEGRAL)
         return st.nothing(), junk
-    if name == "reward_funcs":
+    if name in ("reward_funcs", "tools"):
         return st.sampled_from(["5", "exact_match,3", "1e-3", "nan", "-2"]), \
             st.sampled_from([[1], [True], ["exact_match", 2.5], [None], [["a"]], {"a": 1}, True])
     if name == "reward_weights":

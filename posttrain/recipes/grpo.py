@@ -7,6 +7,8 @@ Shao et al., arXiv 2402.03300 (DeepSeekMath) §4.1. Each step:
 
   1. rollout     G = num_generations completions per prompt in one batched call;
                  a prompt's G completions are consecutive rows and stay together
+                 (with an environment or tools: multi-turn trajectories, tool
+                 tokens masked out; see posttrain.rollout.MultiTurn)
   2. rewards     the reward sources; optionally drop groups whose rewards are
                  all equal (they carry no signal)
   3. cache       old log-probs (when num_iterations > 1, or for a KL in the
@@ -55,7 +57,7 @@ from posttrain.modelcard import stage_of
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 from posttrain.rewards import RewardSources, check_required_fields
-from posttrain.rollout import GroupRollout, build_engine, generate, sampling_stream
+from posttrain.rollout import GroupRollout, build_engine, generate, sample, sampling_stream
 from posttrain.training import (
     StatsWindow,
     autocast,
@@ -81,18 +83,19 @@ def make_rollout(cfg, engine, policy, ref, rewards, prompts, step: int = 0) -> t
     advantages, caches."""
     G = cfg.num_generations
     with sampling_stream(cfg.seed, step), autocast(cfg.bf16):  # sampled at the precision its log-probs are scored at
-        gen = engine.generate([p.prompt_ids for p in prompts], num_return_sequences=G)
+        gen, episodes = sample(engine, prompts, G)  # episodes: multi-turn only (mask 0 on tool tokens)
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     texts = [p.prompt_text for p in prompts for _ in range(G)]
     extras = [p.extra for p in prompts for _ in range(G)]
     scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in prompts for _ in range(G)],
-                                  truncated=gen.truncated)
+                                  truncated=gen.truncated, environments=episodes and episodes.environments)
     scores = scores.to(mask.device)
     keep = group_filter(scores, G)
     stats = {"reward": scores.mean(), "reward_std": scores.view(-1, G).std(1).mean(),
              "frac_reward_zero_std": 1 - keep.float().mean(), "completion_length": mask.sum(-1).mean(),
-             "truncated_ratio": gen.truncated.float().mean(), **{k: v.mean() for k, v in parts.items()}}
-    samples = completion_samples(cfg, texts, gen.completions, scores)
+             "truncated_ratio": gen.truncated.float().mean(), **{k: v.mean() for k, v in parts.items()},
+             **(episodes.stats() if episodes else {})}
+    samples = completion_samples(cfg, texts, episodes.transcripts if episodes else gen.completions, scores)
     if samples:
         stats["samples"] = samples
     if cfg.mask_truncated_completions:

@@ -6,7 +6,9 @@
 Schulman et al., arXiv 1707.06347, in the RLHF form of Ziegler et al.
 (arXiv 1909.08593) and Ouyang et al. (arXiv 2203.02155). Each step:
 
-  1. rollout   sample completions for a batch of prompts (KV cache, one call)
+  1. rollout   sample completions for a batch of prompts (KV cache, one call), or
+               multi-turn trajectories with an environment or tools (tool tokens
+               masked out; the score sits on the last model token)
   2. score     old log-probs, reference log-probs and values, once, cached —
                there is no "old actor" model copy; all log-probs are of
                softmax(z / temperature), the distribution that was sampled
@@ -34,6 +36,7 @@ from posttrain.losses import (
     explained_variance,
     gae,
     kl_penalty,
+    last_token_index,
     masked_mean,
     masked_sum,
     ppo_policy_loss,
@@ -51,7 +54,7 @@ from posttrain.models import (
 )
 from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 from posttrain.rewards import RewardSources, check_required_fields
-from posttrain.rollout import Rollout, build_engine, sampling_stream
+from posttrain.rollout import Rollout, build_engine, sample, sampling_stream
 from posttrain.training import (
     StatsWindow,
     autocast,
@@ -100,7 +103,7 @@ def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, 
                  step: int = 0) -> tuple[Rollout, dict]:
     """Steps 1-4: sample (this rank's stream for rollout ``step``), score once, shape per-token rewards, GAE."""
     with sampling_stream(cfg.seed, step), autocast(cfg.bf16):  # sampled at the precision its log-probs are scored at
-        gen = engine.generate([p.prompt_ids for p in prompts])
+        gen, episodes = sample(engine, prompts)  # episodes: multi-turn only (mask 0 on tool tokens)
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
     with autocast(cfg.bf16):
         old_logps, _, values = actor_critic_forward(actor, critic, value_head, gen.input_ids, gen.attention_mask, T,
@@ -108,7 +111,8 @@ def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, 
         with reference_mode(actor, ref) as ref_model:
             ref_logps = token_logps(ref_model, gen.input_ids, gen.attention_mask, T, temperature=cfg.temperature)
     scores, parts = rewards.score([p.prompt_text for p in prompts], gen.completions, [p.extra for p in prompts],
-                                  raw_prompts=[p.prompt for p in prompts], truncated=gen.truncated)
+                                  raw_prompts=[p.prompt for p in prompts], truncated=gen.truncated,
+                                  environments=episodes and episodes.environments)
     scores = scores.to(mask.device)
 
     # 3. per-token reward: -β·KL everywhere, the sequence score on the last completion token
@@ -122,21 +126,24 @@ def make_rollout(cfg, engine, actor, ref, critic, value_head, rewards, prompts, 
         advantages = whiten(advantages, mask, reduce=distributed.all_sum)  # over the global batch
     rollout = Rollout(gen.input_ids, gen.attention_mask, mask, old_logps, ref_logps, values, advantages, returns,
                       scores)
-    samples = completion_samples(cfg, [p.prompt_text for p in prompts], gen.completions, scores)
+    samples = completion_samples(cfg, [p.prompt_text for p in prompts], episodes.transcripts if episodes else gen.completions,
+                                 scores)
     stats = {"reward": scores.mean(), "reward_std": scores.std() if len(scores) > 1 else torch.tensor(0.0),
              "kl": masked_sum(kl, mask) / len(scores), "completion_length": mask.sum(-1).mean(),
              "non_score_reward": masked_sum(-kl_coef * kl, mask) / len(scores),
-             **{k: v.mean() for k, v in parts.items()}, **({"samples": samples} if samples else {})}
+             **{k: v.mean() for k, v in parts.items()}, **(episodes.stats() if episodes else {}),
+             **({"samples": samples} if samples else {})}
     return rollout, stats
 
 
 def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
                   whiten_rewards: bool = False) -> torch.Tensor:
     """Per-token rewards (B, T): -kl_coef·KL_t on every completion token, plus the sequence score on the last one
-    (Ziegler et al. eq. 2). ``whiten_rewards`` scales them to unit variance over the (global) batch without
-    centring them, as TRL's option of that name does."""
+    (Ziegler et al. eq. 2): the last token of mask 1, the model's last in a multi-turn trajectory.
+    ``whiten_rewards`` scales them to unit variance over the (global) batch without centring them, as TRL's
+    option of that name does."""
     token_rewards = -kl_coef * kl
-    last = (mask.sum(-1).long() - 1).clamp_min(0)
+    last = last_token_index(mask)
     token_rewards[torch.arange(len(last)), last] += scores
     if whiten_rewards:
         token_rewards = whiten(token_rewards, mask, shift_mean=False, reduce=distributed.all_sum)
