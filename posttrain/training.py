@@ -386,36 +386,44 @@ def finish(cfg, model, tokenizer, record: dict, title: str, extra: dict | None =
 
 
 class PromptStream:
-    """Global batches of prompt indices for the RL stages, in a seeded order per epoch.
+    """Global batches of prompt indices for the RL stages: one seeded permutation per epoch, read in order.
 
     ``batch_size`` is the global batch (per device x world size); each rank
-    takes its share. The position (epoch, batch) is part of every checkpoint,
-    so a resumed run sees the same prompts in the same order as an
-    uninterrupted one, at any world size.
+    takes its share. The permutations follow each other as one stream, so every
+    epoch sees every prompt exactly once, and every batch is full (the last
+    batch of an epoch is completed from the next epoch's permutation), which
+    keeps ranks' shares equal even with fewer prompts than the global batch.
+    The position (epoch, prompt offset in it) is part of every checkpoint, so a
+    resumed run sees the same prompts in the same order as an uninterrupted one.
     """
 
-    def __init__(self, num_prompts: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+    def __init__(self, num_prompts: int, batch_size: int, seed: int, epoch: int = 0, offset: int = 0):
         self.num_prompts, self.batch_size, self.seed = num_prompts, batch_size, seed
-        self.epoch, self.position = epoch, position
+        self.epoch, self.offset = epoch, offset
+        self._ended_epoch, self._cached = False, (-1, [])
 
-    def _order(self) -> list[list[int]]:
-        return length_grouped_batches([0] * self.num_prompts, self.batch_size, self.seed, self.epoch, drop_last=True) \
-            or [list(range(self.num_prompts))]
+    def _order(self) -> list[int]:
+        if self._cached[0] != self.epoch:  # one batch of every index: length_grouped_batches' shuffle in (seed, epoch)
+            self._cached = (self.epoch, length_grouped_batches([0] * self.num_prompts, self.num_prompts, self.seed,
+                                                                self.epoch, group=False)[0])
+        return self._cached[1]
 
     def next(self) -> list[int]:
-        batches = self._order()
-        if self.position >= len(batches):
-            self.epoch, self.position = self.epoch + 1, 0
-            batches = self._order()
-        self.position += 1
-        return batches[self.position - 1]
+        batch, self._ended_epoch = [], False
+        while len(batch) < self.batch_size:
+            taken = self._order()[self.offset:self.offset + self.batch_size - len(batch)]
+            batch += taken
+            self.offset += len(taken)
+            if self.offset >= self.num_prompts:
+                self.epoch, self.offset, self._ended_epoch = self.epoch + 1, 0, True
+        return batch
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "prompt_offset": self.offset}
 
     def epoch_done(self) -> bool:
-        """Whether the last batch taken ended its epoch."""
-        return self.position >= len(self._order())
+        """Whether the last batch taken ended an epoch."""
+        return self._ended_epoch
 
 
 def completion_samples(cfg, prompts: list[str], completions: list[str], scores: torch.Tensor) -> list[dict] | None:
@@ -452,7 +460,7 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
     state.update({k: saved[k] for k in state if k in saved})
     step = saved.get("step", 0)
     stream = PromptStream(num_prompts, cfg.per_device_train_batch_size * distributed.world_size(), cfg.seed,
-                          saved.get("epoch", 0), saved.get("position", 0))
+                          saved.get("epoch", 0), saved.get("prompt_offset", 0))
     logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc,
                                    metrics.open_backends(cfg, step))
     window, record = StatsWindow(), {}

@@ -233,3 +233,19 @@ def test_ranks_sample_from_their_own_streams(tmp_path, tiny_qwen, arith_data):
     assert len(rows[0]) == len(rows[1]) == 2 * 4 and {r["prompt"] for r in rows[0] + rows[1]} == {rows[0][0]["prompt"]}
     same = sum(a["completion"] == b["completion"] for a, b in zip(rows[0], rows[1]))
     assert same < len(rows[0]) // 2, f"{same} of {len(rows[0])} completions of the same prompt are equal on both ranks"
+
+
+@pytest.mark.slow
+def test_fewer_prompts_than_the_global_batch_run_under_torchrun(tmp_path, tiny_qwen, arith_data):
+    """3 prompts, global batch 4 (2 ranks x 2): every batch is full, completed from the next epoch's order,
+    so both ranks get 2 prompts (unequal shares made all_gather see unequal shapes and fail)."""
+    prompts = first_lines(arith_data["prompts"], tmp_path / "three.jsonl", 3)
+    common = ["--model_name_or_path", str(tiny_qwen), "--num_threads", "1", "--progress", "false", "--seed", "0",
+              "--logging_steps", "1", "--dataset_name", str(prompts), "--rollout_engine", "fixed_engine:fixed_completions",
+              "--reward_funcs", "fixed_engine:length_reward", "--max_completion_length", "5", "--max_steps", "2",
+              "--per_device_train_batch_size", "2"]
+    launch([["grpo", *common, "--num_generations", "2", "--output_dir", str(tmp_path / "grpo")],
+            ["ppo", *common, "--output_dir", str(tmp_path / "ppo")]], tmp_path, 2, timeout=300)
+    for stage in ("grpo", "ppo"):
+        assert [r["step"] for r in read_metrics(tmp_path / stage / "metrics.jsonl") if "loss" in r or "policy_loss" in r] \
+            == [1, 2], stage
