@@ -41,7 +41,7 @@ CHATML_TEMPLATE = (
     "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
     "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
     "{% for call in message['tool_calls'] %}{% set call = call['function'] if call['function'] is defined else call %}"
-    "{{ '<tool_call>{\"name\": \"' + call['name'] + '\", \"arguments\": ' + call['arguments'] | tojson + '}</tool_call>' }}"
+    "{{ '<tool_call>{\"name\": \"' + call['name'] + '\", \"arguments\": ' + (call['arguments'] | default({})) | tojson + '}</tool_call>' }}"
     "{% endfor %}"
     "{{ '<|im_end|>\n' }}"
     "{% else %}"
