@@ -43,6 +43,39 @@ STAGE_HELP = {
 }
 
 
+# TRL's trainers (and commands) posttrain has no stage for -> what to run instead
+_GRPO_ONLINE = "posttrain grpo or posttrain ppo with --reward_model_name_or_path (online, on sampled completions)"
+NEAREST_STAGE = {
+    "kto": "posttrain dpo on chosen / rejected pairs (KTO's unpaired desirable / undesirable labels are not read)",
+    "bco": "posttrain dpo on chosen / rejected pairs (BCO's unpaired labels are not read)",
+    "rloo": "posttrain grpo --scale_rewards none (RLOO's leave-one-out baseline is the group mean, its advantages "
+            "G/(G-1) times GRPO's)",
+    "online_dpo": _GRPO_ONLINE, "xpo": _GRPO_ONLINE, "nash_md": _GRPO_ONLINE,
+    "orpo": "posttrain dpo --rpo_alpha 1 (a preference loss plus the chosen responses' NLL, with a reference model)",
+    "cpo": "posttrain dpo (a preference loss with a reference model)",
+    "simpo": "posttrain dpo --logps_normalization mean (length-normalised, with a reference model)",
+    "gkd": "posttrain sft on the teacher's completions (no on-policy distillation)",
+    "distillation": "posttrain sft on the teacher's completions (no on-policy distillation)",
+    "prm": "posttrain rm (one reward per sequence; no per-step rewards)",
+    "dapo": "posttrain grpo --loss_type dapo", "dr_grpo": "posttrain grpo --loss_type dr_grpo --scale_rewards none",
+    "bnpo": "posttrain grpo --loss_type bnpo", "gspo": "posttrain grpo (ratios are per token; no sequence-level GSPO)",
+    "vllm_serve": "--rollout_engine module:factory of ppo / grpo (posttrain samples with transformers generate; a factory "
+                  "plugs in a server)",
+}
+
+
+def _unknown_command(name: str, commands) -> str:
+    """The line for a command posttrain does not have: the nearest stage for a TRL trainer's name, else the closest command."""
+    import difflib
+
+    listing = "posttrain's stages: sft, rm (reward), dpo, ppo, grpo; other commands: generate, eval, data, demo, report"
+    key = name.lower().replace("-", "_")
+    if key in NEAREST_STAGE:
+        return f"posttrain has no {name} stage; nearest: {NEAREST_STAGE[key]}. {listing}"
+    match = difflib.get_close_matches(name, list(commands), n=1)
+    return f"posttrain has no {name!r} command" + (f"; did you mean posttrain {match[0]}?" if match else ".") + f" {listing}"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with prefix abbreviations off (`--learning` is not `--learning_rate`) and every
     error a UserError: one line on stderr, exit 2 (``--help`` still prints and exits 0)."""
@@ -71,6 +104,12 @@ def _unknown_args(parser: argparse.ArgumentParser, command: str, extras: list[st
     match = difflib.get_close_matches(f"--{name}", options, n=1)
     hint = f"; did you mean {match[0]}?" if match else f" (see posttrain {command} --help)"
     return f"{flags[0].split('=', 1)[0]}: unknown option for posttrain {command}{hint}"
+
+
+def _launch_options() -> tuple:
+    from posttrain.config import ACCELERATE_LAUNCH_OPTIONS
+
+    return ACCELERATE_LAUNCH_OPTIONS
 
 
 def _is_number(text: str) -> bool:
@@ -199,17 +238,29 @@ def _split_stage_args(args: argparse.Namespace) -> tuple[str | None, dict]:
 
 def run(argv: list[str]) -> int:
     parser = build_parser()
+    first = argv[0] if argv else ""
+    if first.startswith("--") and first[2:].split("=", 1)[0] in _launch_options():  # `posttrain --num_processes 8 grpo`
+        from posttrain.config import launcher_message
+
+        stage = next((a for a in argv if a in STAGES), "STAGE")
+        raise UserError(launcher_message(stage, first.split("=", 1)[0]))
+    if first and not first.startswith("-") and first not in parser.commands:  # argparse: "invalid choice", nothing suggested
+        raise UserError(_unknown_command(first, parser.commands))
     args, extras = parser.parse_known_args(argv)
     if args.command == "reward":  # TRL's name of the reward-model stage
         args.command = "rm"
     if extras:
         raise UserError(_unknown_args(parser, args.command, extras))
     if args.command in STAGES:
-        from posttrain.config import load_config
+        from posttrain.config import load_config, trl_default_notice
 
         config_file, overrides = _split_stage_args(args)
         # every value, file and folder is checked before torch is imported or anything is written
-        cfg = load_config(args.command, config_file, overrides, check_paths=True)
+        given: dict = {}
+        cfg = load_config(args.command, config_file, overrides, check_paths=True, given=given)
+        # not a field (never saved): training.start_output prints it once the run starts, so that a run refused
+        # for bad input still says one line
+        cfg.trl_default_notice = trl_default_notice(args.command, cfg, given)
         from posttrain import distributed
 
         recipe = importlib.import_module(f"posttrain.recipes.{args.command}")

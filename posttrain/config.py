@@ -530,20 +530,22 @@ def _number_or_str(text: str):
         return text
 
 
-def load_config(stage: str, config_file: str | None, overrides: dict[str, str], check_paths: bool = False):
+def load_config(stage: str, config_file: str | None, overrides: dict[str, str], check_paths: bool = False,
+                given: dict | None = None):
     """Build a stage's config: dataclass defaults, then YAML, then flags; then ``validate`` it.
 
     Each given field remembers where it came from (``file.yaml:LINE`` or ``--field``), so
     every message names it. ``check_paths`` (the command line) also checks the files and
     folders the run reads and writes, before anything is written. TRL's names are read
-    through ``TRL_ALIASES`` and ``TRL_UNSUPPORTED``, in YAML keys and flags alike.
+    through ``TRL_ALIASES`` and ``TRL_UNSUPPORTED``, in YAML keys and flags alike. ``given``, when passed, is
+    filled with each field the user set -> where.
     """
     cls = STAGE_CONFIGS[stage]
     values, sources = {}, {}
     if config_file:
         loaded, lines = _read_yaml(config_file)
-        given = [(key, value, f"{config_file}:{lines.get(str(key), 1)}") for key, value in loaded.items()]
-        _apply(stage, given, values, sources, yaml_file=True)
+        layer = [(key, value, f"{config_file}:{lines.get(str(key), 1)}") for key, value in loaded.items()]
+        _apply(stage, layer, values, sources, yaml_file=True)
     _apply(stage, [(key, value, f"--{key}") for key, value in overrides.items()], values, sources)
     if values.get("reward_model_name_or_path") and "reward_funcs" not in sources:
         # a reward model and no rule named: score with the model alone, as TRL does (exact_match needs `answer`)
@@ -553,6 +555,8 @@ def load_config(stage: str, config_file: str | None, overrides: dict[str, str], 
         values["reward_funcs"] = []
     cfg = cls(**values)
     validate(stage, cfg, sources, check_paths=check_paths)
+    if given is not None:
+        given.update(sources)
     return cfg
 
 
@@ -823,6 +827,52 @@ TRL_UNSUPPORTED: dict = {
 }
 
 
+# ------------------------------------------------------------------ TRL's defaults
+
+# TRL's trainer configs (SFTConfig, RewardConfig, DPOConfig, GRPOConfig) and ModelConfig: their defaults where posttrain's
+# differ. bf16 None is `not fp16`, i.e. true (trl/trainer/base_config.py); lora_target_modules None is peft's per-model
+# list (q_proj, v_proj for Llama / Qwen2).
+_TRL_TRAINER_DEFAULTS = {
+    "eval_strategy": "no", "lr_scheduler_type": "linear", "num_train_epochs": 3.0, "save_steps": 500,
+    "save_total_limit": None, "gradient_checkpointing": True, "bf16": True, "lora_dropout": 0.05, "lora_target_modules": None,
+}
+# stage -> field -> TRL 1.16's default, for each field whose posttrain default differs (tests/test_trl_cli.py reads
+# TRL's classes to keep this true). posttrain keeps its own (the demo is tuned to them) and start_output prints, once,
+# the ones a run left at default (trl_default_notice). TRL 1.16 has no PPO trainer: ppo compares with transformers'
+# TrainingArguments, which TRL's trainers extend.
+TRL_DEFAULTS: dict = {
+    "sft": {**_TRL_TRAINER_DEFAULTS, "max_length": 1024, "assistant_only_loss": False},
+    "rm": {**_TRL_TRAINER_DEFAULTS, "max_length": 1024},
+    "dpo": {**_TRL_TRAINER_DEFAULTS, "max_length": 1024, "learning_rate": 1e-6},
+    "grpo": {**_TRL_TRAINER_DEFAULTS, "max_completion_length": 512, "beta": 0.0, "loss_type": "dapo",
+             "use_bias_correction_kl": True, "disable_dropout": False},
+    "ppo": {"eval_strategy": "no", "learning_rate": 5e-5, "lr_scheduler_type": "linear", "num_train_epochs": 3.0,
+            "logging_steps": 500, "save_steps": 500, "save_total_limit": None, "lora_dropout": 0.05, "lora_target_modules": None},
+}
+# what the notice calls the source of a stage's table: (in each item, in its head); TRL otherwise
+_TRL_DEFAULTS_SOURCE = {"ppo": ("transformers", "transformers' TrainingArguments' (TRL 1.16 has no PPO trainer)")}
+# fields that change nothing unless another is on: a notice about them only then
+_TRL_DEFAULTS_APPLY = {"lora_dropout": "use_peft", "lora_target_modules": "use_peft"}
+
+
+def _shown(value) -> str:
+    """A value as a flag takes it (true / false, not True / False)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def trl_default_notice(stage: str, cfg, given) -> str:
+    """One line naming the fields a run left at posttrain's default where TRL's differs, `field=posttrain_value
+    (TRL: trl_value)`, or '' when there is none. ``given``: the fields the user set (YAML or flags, TRL names included)."""
+    source, head = _TRL_DEFAULTS_SOURCE.get(stage, ("TRL", "TRL's"))
+    differ = [f"{name}={_shown(getattr(cfg, name))} ({source}: {_shown(theirs)})"
+              for name, theirs in TRL_DEFAULTS[stage].items()
+              if name not in given and getattr(cfg, name) != theirs
+              and (name not in _TRL_DEFAULTS_APPLY or getattr(cfg, _TRL_DEFAULTS_APPLY[name]))]
+    if not differ:
+        return ""
+    return f"posttrain: note: posttrain's defaults where {head} differ (set a field to change it): " + ", ".join(differ)
+
+
 def _same(value, accepted) -> bool:
     """A TRL value (a flag's string or a YAML value) equals one posttrain behaves as."""
     try:
@@ -857,11 +907,30 @@ def trl_flags(stage: str) -> dict[str, str]:
     return flags
 
 
+# `accelerate launch` options, which TRL's command line passes on to accelerate (`--accelerate_config` is TRL's name of
+# its --config_file); posttrain is launched by torchrun and reads none of them
+ACCELERATE_LAUNCH_OPTIONS = (
+    "accelerate_config", "config_file", "num_processes", "num_machines", "machine_rank", "main_process_ip",
+    "main_process_port", "multi_gpu", "gpu_ids", "mixed_precision", "same_network", "rdzv_backend", "rdzv_conf",
+    "num_cpu_threads_per_process", "dynamo_backend", "use_deepspeed", "use_fsdp", "deepspeed_config_file", "zero_stage",
+    "max_restarts", "monitor_interval", "main_training_function",
+)
+
+
+def launcher_message(stage: str, flag: str) -> str:
+    """The line for an accelerate launcher option given to a stage: launch with torchrun (README, Scaling)."""
+    config = "; a YAML file of fields is --config" if flag.endswith(("config_file", "accelerate_config")) else ""
+    return (f"{flag} is an accelerate launcher option, and posttrain {stage} is launched with torchrun instead: "
+            f"torchrun --standalone --nproc_per_node N -m posttrain {stage} ... (README: Scaling){config}")
+
+
 def unknown_field_message(stage: str, key, where: str | None = None, also: tuple = ()) -> str:
     """`--key: unknown field ...` (a flag) or `where: unknown field 'key' ...` (YAML), with the closest
     valid field (or name in ``also``, e.g. the `config` flag)."""
     names = [f.name for f in dataclasses.fields(STAGE_CONFIGS[stage])] + list(also)
     text = str(key)
+    if text in ACCELERATE_LAUNCH_OPTIONS:
+        return launcher_message(stage, f"--{text}" if where is None else f"{where}: {text}")
     match = difflib.get_close_matches(text, names, n=1)
     flag = where is None
     head = f"--{text}: unknown field for posttrain {stage}" if flag else f"{where}: unknown field {text!r} for posttrain {stage}"

@@ -82,6 +82,9 @@ def start_output(cfg, modules: dict) -> Path | None:
             raise UserError(f"output_dir: {out} has {free / 1e9:.1f} GB free, two checkpoints need about "
                             f"{needed / 1e9:.1f} GB; free disk space or set save_steps: 0")
     memory.report(cfg)
+    notice = getattr(cfg, "trl_default_notice", "")  # set by the command line (cli.run)
+    if notice and distributed.is_main():
+        print(notice, file=sys.stderr, flush=True)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         if previous and cfg.overwrite_output_dir and not resuming_here:
