@@ -48,8 +48,6 @@ _GRPO_ONLINE = "posttrain grpo or posttrain ppo with --reward_model_name_or_path
 NEAREST_STAGE = {
     "kto": "posttrain dpo on chosen / rejected pairs (KTO's unpaired desirable / undesirable labels are not read)",
     "bco": "posttrain dpo on chosen / rejected pairs (BCO's unpaired labels are not read)",
-    "rloo": "posttrain grpo --scale_rewards none (RLOO's leave-one-out baseline is the group mean, its advantages "
-            "G/(G-1) times GRPO's)",
     "online_dpo": _GRPO_ONLINE, "xpo": _GRPO_ONLINE, "nash_md": _GRPO_ONLINE,
     "orpo": "posttrain dpo --rpo_alpha 1 (a preference loss plus the chosen responses' NLL, with a reference model)",
     "cpo": "posttrain dpo (a preference loss with a reference model)",

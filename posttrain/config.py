@@ -829,7 +829,7 @@ TRL_UNSUPPORTED: dict = {
 
 # ------------------------------------------------------------------ TRL's defaults
 
-# TRL's trainer configs (SFTConfig, RewardConfig, DPOConfig, GRPOConfig) and ModelConfig: their defaults where posttrain's
+# TRL's trainer configs (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, RLOOConfig) and ModelConfig: their defaults where posttrain's
 # differ. bf16 None is `not fp16`, i.e. true (trl/trainer/base_config.py); lora_target_modules None is peft's per-model
 # list (q_proj, v_proj for Llama / Qwen2).
 _TRL_TRAINER_DEFAULTS = {
@@ -846,6 +846,7 @@ TRL_DEFAULTS: dict = {
     "dpo": {**_TRL_TRAINER_DEFAULTS, "max_length": 1024, "learning_rate": 1e-6},
     "grpo": {**_TRL_TRAINER_DEFAULTS, "max_completion_length": 512, "beta": 0.0, "loss_type": "dapo",
              "use_bias_correction_kl": True, "disable_dropout": False},
+    "rloo": {**_TRL_TRAINER_DEFAULTS, "max_completion_length": 512, "disable_dropout": False},
     "ppo": {"eval_strategy": "no", "learning_rate": 5e-5, "lr_scheduler_type": "linear", "num_train_epochs": 3.0,
             "logging_steps": 500, "save_steps": 500, "save_total_limit": None, "lora_dropout": 0.05, "lora_target_modules": None},
 }
