@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from posttrain.errors import UserError  # noqa: E402
 
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "online_dpo")
 STAGE_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat data",
     "rm": "train a Bradley-Terry reward model on preference pairs",
@@ -40,6 +40,7 @@ STAGE_HELP = {
     "ppo": "PPO-based RLHF: actor, critic, reference and reward sources",
     "grpo": "Group Relative Policy Optimization with verifiable rewards",
     "rloo": "REINFORCE Leave-One-Out: the grpo recipe with TRL RLOOTrainer's defaults (KL in the reward)",
+    "online_dpo": "Online DPO: pairs sampled from the current policy, judged by the reward sources, DPO loss",
 }
 
 
@@ -48,7 +49,7 @@ _GRPO_ONLINE = "posttrain grpo or posttrain ppo with --reward_model_name_or_path
 NEAREST_STAGE = {
     "kto": "posttrain dpo on chosen / rejected pairs (KTO's unpaired desirable / undesirable labels are not read)",
     "bco": "posttrain dpo on chosen / rejected pairs (BCO's unpaired labels are not read)",
-    "online_dpo": _GRPO_ONLINE, "xpo": _GRPO_ONLINE, "nash_md": _GRPO_ONLINE,
+    "xpo": _GRPO_ONLINE, "nash_md": _GRPO_ONLINE,
     "orpo": "posttrain dpo --rpo_alpha 1 (a preference loss plus the chosen responses' NLL, with a reference model)",
     "cpo": "posttrain dpo (a preference loss with a reference model)",
     "simpo": "posttrain dpo --logps_normalization mean (length-normalised, with a reference model)",

@@ -414,9 +414,33 @@ class RLOOConfig(GRPOConfig):
     RLOOTrainer); or any of posttrain grpo's loss types."""
 
 
+@dataclass
+class OnlineDPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
+    """posttrain online_dpo: DPO on pairs sampled from the current policy and judged by the reward sources."""
+
+    ref_model_name_or_path: str = ""
+    """Frozen reference model; empty means the starting policy (model_name_or_path)."""
+    per_device_train_batch_size: int = 8
+    """Prompts per micro-batch on each process (2 completions each, one pair); a step samples
+    per_device_train_batch_size x gradient_accumulation_steps prompts per process (TRL's count)."""
+    beta: float = 0.1
+    """Inverse temperature β of the implicit reward β·log(π/π_ref); higher stays closer to the reference (IPO: its τ)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) | ipo (IPO), on each pair's summed completion log-probs."""
+    temperature: float = 0.9
+    """Sampling temperature of the two completions (log-probs are scored at temperature 1, as in TRL)."""
+    max_completion_length: int = 64
+    """Most new tokens sampled per completion (TRL: max_new_tokens); prompts are cut to max_length minus this."""
+    reward_funcs: list = field(default_factory=lambda: ["exact_match"])
+    """The judge: rule rewards (as in grpo: exact_match, think_format, TRL's accuracy_reward and think_format_reward,
+    `module:function`), summed with reward_weights, plus reward_model_name_or_path; the higher total is chosen,
+    a tie chooses the first sampled. Not given, with a reward_model_name_or_path: none (the reward model alone)."""
+
+
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
                  "rloo": RLOOConfig}
-RL_STAGES = ("ppo", "grpo", "rloo")
+STAGE_CONFIGS["online_dpo"] = OnlineDPOConfig
+RL_STAGES = ("ppo", "grpo", "rloo", "online_dpo")
 
 
 @functools.lru_cache(maxsize=None)
@@ -689,7 +713,8 @@ TRL_ALIASES: dict = {
     "cliprange": ("epsilon", None, ("ppo",)),
     "response_length": ("max_completion_length", None, ("ppo",)),
     "sft_model_path": ("model_name_or_path", None, ("ppo",)),
-    "reward_model_path": ("reward_model_name_or_path", None, ("ppo",)),
+    "reward_model_path": ("reward_model_name_or_path", None, ("ppo", "online_dpo")),
+    "max_new_tokens": ("max_completion_length", None, ("online_dpo",)),
     "exp_name": ("run_name", None, ("ppo",)),
 }
 
@@ -829,9 +854,9 @@ TRL_UNSUPPORTED: dict = {
 
 # ------------------------------------------------------------------ TRL's defaults
 
-# TRL's trainer configs (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, RLOOConfig) and ModelConfig: their defaults where posttrain's
-# differ. bf16 None is `not fp16`, i.e. true (trl/trainer/base_config.py); lora_target_modules None is peft's per-model
-# list (q_proj, v_proj for Llama / Qwen2).
+# TRL's trainer configs (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, RLOOConfig, experimental OnlineDPOConfig) and
+# ModelConfig: their defaults where posttrain's differ. bf16 None is `not fp16`, i.e. true (trl/trainer/base_config.py);
+# lora_target_modules None is peft's per-model list (q_proj, v_proj for Llama / Qwen2).
 _TRL_TRAINER_DEFAULTS = {
     "eval_strategy": "no", "lr_scheduler_type": "linear", "num_train_epochs": 3.0, "save_steps": 500,
     "save_total_limit": None, "gradient_checkpointing": True, "bf16": True, "lora_dropout": 0.05, "lora_target_modules": None,
@@ -847,6 +872,7 @@ TRL_DEFAULTS: dict = {
     "grpo": {**_TRL_TRAINER_DEFAULTS, "max_completion_length": 512, "beta": 0.0, "loss_type": "dapo",
              "use_bias_correction_kl": True, "disable_dropout": False},
     "rloo": {**_TRL_TRAINER_DEFAULTS, "max_completion_length": 512, "disable_dropout": False},
+    "online_dpo": {**_TRL_TRAINER_DEFAULTS, "learning_rate": 5e-7},
     "ppo": {"eval_strategy": "no", "learning_rate": 5e-5, "lr_scheduler_type": "linear", "num_train_epochs": 3.0,
             "logging_steps": 500, "save_steps": 500, "save_total_limit": None, "lora_dropout": 0.05, "lora_target_modules": None},
 }
@@ -962,6 +988,7 @@ _CHOICES = {
 }
 _LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo")}
 _LOSS_TYPES["rloo"] = _LOSS_TYPES["grpo"]
+_LOSS_TYPES["online_dpo"] = ("sigmoid", "ipo")
 
 
 def _ge(low):
@@ -1037,13 +1064,14 @@ _RANGES: dict = {
     "eval_max_rows": _ge(1),
     "eval_steps": _ge(0),
     "eval_split": _within(0, 1),
-    "beta": {"dpo": _gt(0), "grpo": _ge(0), "rloo": _ge(0)},
+    "beta": {"dpo": _gt(0), "grpo": _ge(0), "rloo": _ge(0), "online_dpo": _gt(0)},
     "label_smoothing": _within(0, 0.5),
     "rpo_alpha": _ge(0),
     "center_rewards_coefficient": _ge(0),
     "temperature": _gt(0),
     "top_k": _ge(0),
-    "max_completion_length": {"ppo": _ge(1), "grpo": _ge(1), "rloo": _ge(1), "dpo": _ge(0)},
+    "max_completion_length": {"ppo": _ge(1), "grpo": _ge(1), "rloo": _ge(1), "dpo": _ge(0),
+                              "online_dpo": (lambda v, cfg: 1 <= v < cfg.max_length, ">= 1 and < max_length ({max_length})")},
     "top_p": (lambda v, cfg: 0 < v <= 1, "in (0, 1]"),
     "min_p": _within(0, 1),
     "repetition_penalty": (lambda v, cfg: v == 1.0, "1.0 (a penalty would make the sampled distribution differ from "
@@ -1078,7 +1106,7 @@ _RANGES: dict = {
     "tool_timeout_s": _ge(0),
 }
 # a rule that reads another field: where that one was given, when this one was not
-_RANGES_READ = {"max_prompt_length": "max_length", "tiny_hidden_size": "tiny_num_heads"}
+_RANGES_READ = {"max_prompt_length": "max_length", "tiny_hidden_size": "tiny_num_heads", "max_completion_length": "max_length"}
 # checked only when the user gives the field: the default max_prompt_length (256) is capped by the
 # truncation policy when only max_length is lowered
 _RANGES_WHEN_GIVEN = ("max_prompt_length",)

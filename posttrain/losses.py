@@ -820,3 +820,20 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, n_step
     """
     error = min(max(current_kl / target_kl - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+def online_dpo_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The judged pair of each prompt's two sampled completions: the higher reward is chosen.
+
+    Online DPO (Guo et al., arXiv 2402.04792, Algorithm 1: two responses from
+    the current policy, an annotator's preference, the DPO loss on the pair);
+    the annotator here is the reward sources. Rows 2i and 2i+1 are prompt i's
+    two completions; a tie chooses the first sampled, as TRL's OnlineDPOTrainer
+    (first >= second).
+
+    Shape: rewards (2N,) -> (chosen (N,), rejected (N,)) row indices into the 2N rows.
+    """
+    first, second = rewards.view(-1, 2).unbind(1)
+    first_wins = (first >= second).long()
+    rows = 2 * torch.arange(first.shape[0], device=rewards.device)
+    return rows + 1 - first_wins, rows + first_wins

@@ -256,7 +256,7 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
     # frozen copies and the critic
     ref_path = getattr(cfg, "ref_model_name_or_path", "") or cfg.model_name_or_path
     needs_ref = {"dpo": not getattr(cfg, "precompute_ref_log_probs", False), "ppo": True,
-                 "grpo": getattr(cfg, "beta", 0) > 0}.get(stage, False)
+                 "grpo": getattr(cfg, "beta", 0) > 0, "online_dpo": True}.get(stage, False)
     if needs_ref and (getattr(cfg, "ref_model_name_or_path", "") or not cfg.use_peft):
         ref = _shape_of(cfg, ref_path) or policy
         parts["reference"] = ref.params * ref.weight_bytes / shard
@@ -284,6 +284,9 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
         if stage == "grpo":
             rollouts = B * cfg.num_generations
             rows = math.ceil(rollouts / cfg.gradient_accumulation_steps)
+        elif stage == "online_dpo":  # a step samples every micro-batch's pairs at once
+            rows = 2 * B
+            rollouts = rows * cfg.gradient_accumulation_steps
         else:
             rollouts = B
             rows = max(1, B // cfg.num_mini_batches // cfg.gradient_accumulation_steps)
@@ -301,7 +304,7 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
         notes["logits"] = f"{scored} x {policy.vocab} logits and their fp32 log-softmax (the model's own head)" if full \
             else "one chunk of <= 2^25 logits (not B x T x V), with gradients" + \
             (", the head's gradient sum" if not cfg.use_peft and compute_bytes(policy, cfg.bf16) < FP32 else "")
-    if stage in ("ppo", "grpo"):
+    if stage in ("ppo", "grpo", "online_dpo"):
         kv = policy.hidden * policy.kv_heads // policy.heads
         # sampling runs outside autocast, on the weights as loaded: the cache is in their dtype
         parts["kv_cache"] = rollouts * length * policy.layers * 2 * kv * policy.weight_bytes

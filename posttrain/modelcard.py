@@ -31,6 +31,7 @@ STAGE_FIELDS = {
              "reward_funcs", "temperature", "max_completion_length"),
     "rloo": ("beta", "kl_estimator", "kl_in_reward", "advantage_estimator", "loss_type", "num_generations",
              "num_iterations", "epsilon", "reward_funcs", "temperature", "max_completion_length"),
+    "online_dpo": ("beta", "loss_type", "reward_funcs", "missing_eos_penalty", "temperature", "max_completion_length"),
 }
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapter")
 # bookkeeping keys of a log record that are not results
@@ -38,8 +39,11 @@ NOT_RESULTS = ("step", "epoch", "elapsed_s", "wall_s", "learning_rate")
 
 
 def stage_of(cfg) -> str:
-    """`sft`, `rm`, `dpo`, `ppo` or `grpo`, from the config's class (SFTConfig -> sft)."""
-    return type(cfg).__name__.removesuffix("Config").lower()
+    """The stage of a config, from its class (SFTConfig -> sft, OnlineDPOConfig -> online_dpo)."""
+    from posttrain.config import STAGE_CONFIGS
+
+    return next((stage for stage, cls in STAGE_CONFIGS.items() if type(cfg) is cls),
+                type(cfg).__name__.removesuffix("Config").lower())
 
 
 def hyper_parameters(cfg) -> dict:

@@ -265,6 +265,25 @@ def sample(engine, prompts: list, group_size: int = 1) -> tuple[Generation, Epis
     return engine.generate([p.prompt_ids for p in prompts], num_return_sequences=group_size), None
 
 
+def sample_and_score(cfg, engine, rewards, prompts: list, group_size: int, step: int):
+    """Rollout ``step``'s completions (``group_size`` per prompt, groups in consecutive rows) from this rank's
+    sampling stream, at the precision their log-probs are scored at, and their rewards.
+
+    Returns (Generation, Episodes or None, the prompt text of each row, scores (B·G,) on the completions'
+    device, {"rewards/<source>": (B·G,)}); grpo, rloo and online_dpo sample this way.
+    """
+    from posttrain.training import autocast
+
+    with sampling_stream(cfg.seed, step), autocast(cfg.bf16):
+        gen, episodes = sample(engine, prompts, group_size)  # episodes: multi-turn only (mask 0 on tool tokens)
+    texts = [p.prompt_text for p in prompts for _ in range(group_size)]
+    extras = [p.extra for p in prompts for _ in range(group_size)]
+    raw = [p.prompt for p in prompts for _ in range(group_size)]
+    scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=raw, truncated=gen.truncated,
+                                  environments=episodes and episodes.environments)
+    return gen, episodes, texts, scores.to(gen.completion_mask.device), parts
+
+
 # ------------------------------------------------------------------ multi-turn trajectories
 
 

@@ -436,17 +436,18 @@ def completion_samples(cfg, prompts: list[str], completions: list[str], scores: 
     return [{"prompt": p, "completion": c, "reward": float(r)} for p, c, r in zip(prompts, completions, scores.tolist())]
 
 
-def rl_total_steps(cfg, num_prompts: int) -> int:
-    """Rollout batches of the run: max_steps, else epochs over the prompts (global batches)."""
+def rl_total_steps(cfg, num_prompts: int, prompts_per_rank: int = 0) -> int:
+    """Rollout batches of the run: max_steps, else epochs over the prompts (global batches of
+    ``prompts_per_rank`` per rank; 0: per_device_train_batch_size)."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    global_batch = cfg.per_device_train_batch_size * distributed.world_size()
+    global_batch = (prompts_per_rank or cfg.per_device_train_batch_size) * distributed.world_size()
     return max(1, math.ceil(cfg.num_train_epochs * num_prompts / global_batch))
 
 
 def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimizer, scheduler,
            rl_step: Callable[[list[int], StatsWindow, dict, int], None], probe: Callable[[], dict] | None = None,
-           state: dict | None = None) -> dict:
+           state: dict | None = None, prompts_per_rank: int = 0) -> dict:
     """The rollout loop PPO and GRPO share: prompts -> ``rl_step`` -> schedule, logs, checkpoints.
 
     ``rl_step(prompt_indices, window, state, step)`` does rollout ``step`` (0, 1, ...;
@@ -456,13 +457,14 @@ def run_rl(cfg, desc: str, steps: int, num_prompts: int, modules: dict, optimize
     the rollout's ``completion_samples`` (None unless log_completions), written
     to completions.jsonl at each logging step. Resume
     restores modules, optimizer, schedule, RNG, state and the prompt position.
+    Each rollout takes ``prompts_per_rank`` prompts per rank (0: per_device_train_batch_size).
     Returns the last log record with ``wall_s``.
     """
     state = dict(state or {})
     saved = resume(cfg, modules, optimizer, scheduler)
     state.update({k: saved[k] for k in state if k in saved})
     step = saved.get("step", 0)
-    stream = PromptStream(num_prompts, cfg.per_device_train_batch_size * distributed.world_size(), cfg.seed,
+    stream = PromptStream(num_prompts, (prompts_per_rank or cfg.per_device_train_batch_size) * distributed.world_size(), cfg.seed,
                           saved.get("epoch", 0), saved.get("prompt_offset", 0))
     logger = metrics.MetricsLogger(cfg.output_dir, steps, step, saved.get("elapsed_s", 0.0), cfg.progress, desc,
                                    metrics.open_backends(cfg, step))

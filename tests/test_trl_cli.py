@@ -236,8 +236,10 @@ def test_every_trl_and_transformers_field_is_handled():
              "merge_adapter", "padding_free"}
     ours = {f.name for cls in STAGE_CONFIGS.values() for f in dataclasses.fields(cls)}
     theirs = set()
+    from trl.experimental.online_dpo import OnlineDPOConfig
+
     for cls in (transformers.TrainingArguments, trl.SFTConfig, trl.DPOConfig, trl.RewardConfig, trl.GRPOConfig, trl.RLOOConfig,
-                trl.ModelConfig, trl.ScriptArguments):
+                OnlineDPOConfig, trl.ModelConfig, trl.ScriptArguments):
         theirs |= {f.name for f in dataclasses.fields(cls)}
     missing = theirs - ours - set(TRL_ALIASES) - set(TRL_UNSUPPORTED) - later
     assert not missing, sorted(missing)

@@ -12,10 +12,10 @@ from posttrain.config import ACCELERATE_LAUNCH_OPTIONS, STAGE_CONFIGS, TRL_DEFAU
 
 # TRL's None that means what posttrain's default means: eval_steps (logging_steps; posttrain's 0), epsilon_high (epsilon;
 # posttrain's 0), completion_only_loss (true for prompt/completion rows, posttrain's true), reward_weights (all 1),
-# fsdp / center_rewards_coefficient / min_p / delta (off), and the empty paths and names
+# fsdp / center_rewards_coefficient / min_p / delta / missing_eos_penalty (off), and the empty paths and names
 NONE_MEANS_POSTTRAIN_DEFAULT = {
     "eval_steps", "epsilon_high", "completion_only_loss", "reward_weights", "fsdp", "center_rewards_coefficient", "min_p",
-    "delta", "eos_token", "chat_template_path", "attn_implementation", "dataset_config", "resume_from_checkpoint", "run_name",
+    "delta", "missing_eos_penalty", "eos_token", "chat_template_path", "attn_implementation", "dataset_config", "resume_from_checkpoint", "run_name",
 }
 # where a run reads and writes, not how it trains (TRL has no default model or data; its output_dir is trainer_output)
 NOT_COMPARED = {"model_name_or_path", "dataset_name", "output_dir"}
@@ -24,8 +24,11 @@ NOT_COMPARED = {"model_name_or_path", "dataset_name", "output_dir"}
 def trl_classes(stage: str) -> list:
     trl = pytest.importorskip("trl")
     transformers = pytest.importorskip("transformers")
+    from trl.experimental.online_dpo import OnlineDPOConfig
+
     trainer = {"sft": trl.SFTConfig, "rm": trl.RewardConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig,
-               "rloo": trl.RLOOConfig, "ppo": transformers.TrainingArguments}[stage]  # TRL 1.16 has no PPO trainer
+               "rloo": trl.RLOOConfig, "online_dpo": OnlineDPOConfig,
+               "ppo": transformers.TrainingArguments}[stage]  # TRL 1.16 has no PPO trainer
     return [trainer, trl.ModelConfig, trl.ScriptArguments]
 
 
@@ -40,7 +43,7 @@ def trl_default(name: str, f: dataclasses.Field, trainer):
         return not default(next(g for g in dataclasses.fields(trainer) if g.name == "fp16"))
     if name == "gradient_checkpointing" and value is None:  # transformers 5: a deprecated alias of activation_checkpointing
         return bool(default(next(g for g in dataclasses.fields(trainer) if g.name == "activation_checkpointing")))
-    if name == "loss_type" and isinstance(value, list) and len(value) == 1:  # DPO's list of one loss
+    if name in ("loss_type", "beta") and isinstance(value, list) and len(value) == 1:  # DPO's list of one loss, Online DPO's beta
         return value[0]
     if name == "report_to" and isinstance(value, str):
         return [value]
@@ -96,8 +99,7 @@ def test_the_notice_omits_what_the_user_set_and_names_ppo_s_source():
 
 # ===================================================================== TRL trainers posttrain has no stage for
 
-@pytest.mark.parametrize("name, nearest", [("kto", "posttrain dpo"), ("online_dpo", "posttrain grpo"),
-                                           ("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain grpo"),
+@pytest.mark.parametrize("name, nearest", [("kto", "posttrain dpo"), ("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain grpo"),
                                            ("nash_md", "posttrain grpo"), ("gkd", "posttrain sft"), ("bco", "posttrain dpo"),
                                            ("prm", "posttrain rm")])
 def test_a_trl_trainer_posttrain_lacks_says_what_to_run(cli, name, nearest):

@@ -57,7 +57,7 @@ from posttrain.modelcard import stage_of
 from posttrain.models import load_policy_and_reference, reference_mode, token_logps
 from posttrain.optim import build_optimizer, clip_and_step, scheduler_for
 from posttrain.rewards import RewardSources, check_required_fields
-from posttrain.rollout import GroupRollout, build_engine, generate, sample, sampling_stream
+from posttrain.rollout import GroupRollout, build_engine, generate, sample_and_score
 from posttrain.training import (
     StatsWindow,
     autocast,
@@ -82,14 +82,8 @@ def make_rollout(cfg, engine, policy, ref, rewards, prompts, step: int = 0) -> t
     """Steps 1-3: sample G completions per prompt (this rank's stream for rollout ``step``), score, group
     advantages, caches."""
     G = cfg.num_generations
-    with sampling_stream(cfg.seed, step), autocast(cfg.bf16):  # sampled at the precision its log-probs are scored at
-        gen, episodes = sample(engine, prompts, G)  # episodes: multi-turn only (mask 0 on tool tokens)
+    gen, episodes, texts, scores, parts = sample_and_score(cfg, engine, rewards, prompts, G, step)
     mask, T = gen.completion_mask, gen.completion_mask.shape[1]
-    texts = [p.prompt_text for p in prompts for _ in range(G)]
-    extras = [p.extra for p in prompts for _ in range(G)]
-    scores, parts = rewards.score(texts, gen.completions, extras, raw_prompts=[p.prompt for p in prompts for _ in range(G)],
-                                  truncated=gen.truncated, environments=episodes and episodes.environments)
-    scores = scores.to(mask.device)
     keep = group_filter(scores, G)
     stats = {"reward": scores.mean(), "reward_std": scores.view(-1, G).std(1).mean(),
              "frac_reward_zero_std": 1 - keep.float().mean(), "completion_length": mask.sum(-1).mean(),
