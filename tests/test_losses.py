@@ -423,3 +423,15 @@ def test_entropy_over_several_chunks_equals_the_per_row_formula():
     logits = torch.randn(2, 300, 40_000)
     expected = torch.stack([-(row.softmax(-1) * row.log_softmax(-1)).sum(-1) for row in logits])
     assert_close(L.entropy_from_logits(logits), expected, rtol=0, atol=1e-5)
+
+
+def test_online_dpo_pairs_choose_the_higher_reward_and_the_first_on_a_tie():
+    # prompt i's completions are rows 2i, 2i+1: second higher, first higher, a tie, a tie of missing-EOS penalties
+    rewards = torch.tensor([0.0, 1.0, 2.5, -1.0, 0.3, 0.3, -1.0, -1.0])
+    chosen, rejected = L.online_dpo_pairs(rewards)
+    assert chosen.tolist() == [1, 2, 4, 6] and rejected.tolist() == [0, 3, 5, 7]
+    assert (rewards[chosen] >= rewards[rejected]).all()
+    # TRL's rule on its own layout (first half vs second half, chosen where first >= second) on the same pairs
+    first, second = rewards[0::2], rewards[1::2]
+    trl_chosen_is_first = first >= second
+    assert ((chosen % 2 == 0) == trl_chosen_is_first).all()

@@ -1,8 +1,9 @@
 """Real torchrun processes on CPU (gloo): the critic-free estimators on 2 ranks equal one process.
 
 `posttrain rloo` (leave-one-out baseline, KL in the reward, normalize_advantages
-over the global batch) and grpo with REINFORCE++-baseline (token returns with
-the KL, whitened over every rank's tokens) and GSPO's sequence ratio: 2 ranks x
+over the global batch), grpo with REINFORCE++-baseline (token returns with
+the KL, whitened over every rank's tokens) and GSPO's sequence ratio, and
+`posttrain online_dpo` (pairs judged on each rank, accumulated): 2 ranks x
 b prompts end with the weights of 1 process x 2b prompts. Completions come from
 the fixed rollout engine of tests/distributed/fixed_engine.py, so the update is
 what is compared.
@@ -23,6 +24,8 @@ RUNS = {
                               "--num_generations", "2"],
     "gspo_cispo": ["grpo", "--importance_sampling_level", "sequence", "--loss_type", "cispo", "--epsilon_high", "1.1",
                    "--num_iterations", "2", "--num_generations", "2"],
+    # pairs judged by length_reward, accumulated over 2 micro-batches of per_device_train_batch_size prompts
+    "online_dpo": ["online_dpo", "--gradient_accumulation_steps", "2"],
 }
 
 
@@ -51,4 +54,6 @@ def test_two_ranks_equal_one_process(runs, name):
     assert max_difference(one, many) <= TOLERANCE
     for a, b in zip(read_metrics(one / "metrics.jsonl"), read_metrics(many / "metrics.jsonl"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
-        assert b["reward"] == pytest.approx(a["reward"], rel=1e-4, abs=1e-6)
+        for key in ("reward", "objective/scores", "rewards/margins", "objective/kl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
