@@ -39,8 +39,11 @@ VARIANTS = {
                            "--num_ppo_epochs", "1"]),
     "grpo": ("grpo", ["--dataset_name", "{prompts}", "--per_device_train_batch_size", "4", "--num_generations", "2",
                       "--reward_funcs", "reward_helpers:ascii_frac", "--max_completion_length", "4"]),
+    "online_dpo": ("online_dpo", ["--dataset_name", "{prompts}", "--per_device_train_batch_size", "2",
+                                  "--reward_funcs", "reward_helpers:ascii_frac", "--max_completion_length", "4"]),
 }
 STEPS = 24
+SLOW_VARIANTS = ("online_dpo",)  # about 30 s on one core: outside `make test`'s budget, run with -m slow
 
 
 def command(variant: str, model: Path, data: dict, out: Path, *extra: str) -> list[str]:
@@ -69,7 +72,7 @@ def wait_for(proc: subprocess.Popen, out: Path, steps: int, timeout: float = 240
     raise AssertionError("the run did not progress")
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v for v in VARIANTS])
 def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_qwen, arith_data, variant):
     rng = random.Random(variant)
     full, broken = tmp_path / "full", tmp_path / "broken"
