@@ -2,7 +2,7 @@
 
     posttrain online_dpo --model_name_or_path runs/sft --dataset_name data/arith/prompts.jsonl
 
-Guo et al., arXiv 2402.04792 (online AI feedback), with TRL OnlineDPOTrainer's
+Guo et al., arXiv 2402.04792 (direct alignment from online feedback), with TRL OnlineDPOTrainer's
 semantics. Each step:
 
   1. rollout   2 completions per prompt from the current policy (posttrain.rollout,
