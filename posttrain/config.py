@@ -1071,7 +1071,7 @@ _RANGES: dict = {
     "temperature": _gt(0),
     "top_k": _ge(0),
     "max_completion_length": {"ppo": _ge(1), "grpo": _ge(1), "rloo": _ge(1), "dpo": _ge(0),
-                              "online_dpo": (lambda v, cfg: 1 <= v < cfg.max_length, ">= 1 and < max_length ({max_length})")},
+                              "online_dpo": _ge(1)},
     "top_p": (lambda v, cfg: 0 < v <= 1, "in (0, 1]"),
     "min_p": _within(0, 1),
     "repetition_penalty": (lambda v, cfg: v == 1.0, "1.0 (a penalty would make the sampled distribution differ from "
@@ -1106,7 +1106,7 @@ _RANGES: dict = {
     "tool_timeout_s": _ge(0),
 }
 # a rule that reads another field: where that one was given, when this one was not
-_RANGES_READ = {"max_prompt_length": "max_length", "tiny_hidden_size": "tiny_num_heads", "max_completion_length": "max_length"}
+_RANGES_READ = {"max_prompt_length": "max_length", "tiny_hidden_size": "tiny_num_heads"}
 # checked only when the user gives the field: the default max_prompt_length (256) is capped by the
 # truncation policy when only max_length is lowered
 _RANGES_WHEN_GIVEN = ("max_prompt_length",)

@@ -60,14 +60,15 @@ RANGES = {
     "eval_max_rows": (1, False, None, None),
     "eval_steps": (0, False, None, None),
     "eval_split": (0, False, 1, True),
-    "beta": {"dpo": (0, True, None, None), "grpo": (0, False, None, None), "rloo": (0, False, None, None)},
+    "beta": {"dpo": (0, True, None, None), "grpo": (0, False, None, None), "rloo": (0, False, None, None),
+             "online_dpo": (0, True, None, None)},
     "label_smoothing": (0, False, 0.5, True),
     "rpo_alpha": (0, False, None, None),
     "center_rewards_coefficient": (0, False, None, None),
     "temperature": (0, True, None, None),
     "top_k": (0, False, None, None),
     "max_completion_length": {"ppo": (1, False, None, None), "grpo": (1, False, None, None), "rloo": (1, False, None, None),
-                              "dpo": (0, False, None, None)},
+                              "dpo": (0, False, None, None), "online_dpo": (1, False, None, None)},
     "top_p": (0, True, 1, False),
     "min_p": (0, False, 1, True),
     "repetition_penalty": (1, False, 1, False),  # other values: sampled != scored
@@ -111,6 +112,7 @@ CHOICES = {
     ("dpo", "loss_type"): {"sigmoid", "ipo", "hinge"},
     ("grpo", "loss_type"): {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo"},
     ("rloo", "loss_type"): {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo"},
+    ("online_dpo", "loss_type"): {"sigmoid", "ipo"},
 }
 
 

@@ -83,11 +83,12 @@ def update(cfg, policy, ref, gen, scores, optimizer, params, window) -> None:
 
 
 def main(cfg) -> None:
-    # set-up: policy and reference, prompts (cut so prompt + completion fits max_length, as TRL does), reward sources
+    # set-up: policy and reference, prompts (cut so prompt + completion fits max_length, as TRL does: at least the
+    # prompt's last token is kept), reward sources
     setup_run(cfg)
     tokenizer, policy, ref = load_policy_and_reference(cfg)
     rows = train_rows(cfg)
-    prompts = prompt_examples(rows, tokenizer, min(cfg.max_prompt_length, cfg.max_length - cfg.max_completion_length))
+    prompts = prompt_examples(rows, tokenizer, max(1, min(cfg.max_prompt_length, cfg.max_length - cfg.max_completion_length)))
     check_required_fields(cfg.reward_funcs, prompts, [r.source for r in rows])
     rewards = RewardSources.from_config(cfg, tokenizer)
     params = [p for _, p in trainable_parameters(policy)]
