@@ -1,6 +1,6 @@
 """posttrain's command line: subcommand -> config dataclass -> recipe main(cfg).
 
-    posttrain sft | rm | dpo | ppo | grpo | rloo  [--config FILE.yaml] [--FIELD VALUE ...]
+    posttrain sft | rm | dpo | kto | ppo | grpo | rloo  [--config FILE.yaml] [--FIELD VALUE ...]
     posttrain reward ...                   (the same as posttrain rm, TRL's name)
     posttrain generate --model_name_or_path DIR --prompt TEXT
     posttrain eval     --model_name_or_path DIR --dataset_name FILE
@@ -33,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from posttrain.errors import UserError  # noqa: E402
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
+STAGES += ("kto",)
 STAGE_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat data",
     "rm": "train a Bradley-Terry reward model on preference pairs",
@@ -41,12 +42,12 @@ STAGE_HELP = {
     "grpo": "Group Relative Policy Optimization with verifiable rewards",
     "rloo": "REINFORCE Leave-One-Out: the grpo recipe with TRL RLOOTrainer's defaults (KL in the reward)",
 }
+STAGE_HELP["kto"] = "Kahneman-Tversky Optimization on rows labelled desirable / undesirable (or unpaired preference pairs)"
 
 
 # TRL's trainers (and commands) posttrain has no stage for -> what to run instead
 _GRPO_ONLINE = "posttrain grpo or posttrain ppo with --reward_model_name_or_path (online, on sampled completions)"
 NEAREST_STAGE = {
-    "kto": "posttrain dpo on chosen / rejected pairs (KTO's unpaired desirable / undesirable labels are not read)",
     "bco": "posttrain dpo on chosen / rejected pairs (BCO's unpaired labels are not read)",
     "online_dpo": _GRPO_ONLINE, "xpo": _GRPO_ONLINE, "nash_md": _GRPO_ONLINE,
     "orpo": "posttrain dpo --rpo_alpha 1 (a preference loss plus the chosen responses' NLL, with a reference model)",

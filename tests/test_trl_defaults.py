@@ -25,7 +25,7 @@ def trl_classes(stage: str) -> list:
     trl = pytest.importorskip("trl")
     transformers = pytest.importorskip("transformers")
     trainer = {"sft": trl.SFTConfig, "rm": trl.RewardConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig,
-               "rloo": trl.RLOOConfig, "ppo": transformers.TrainingArguments}[stage]  # TRL 1.16 has no PPO trainer
+               "rloo": trl.RLOOConfig, "kto": trl.KTOConfig, "ppo": transformers.TrainingArguments}[stage]  # TRL 1.16 has no PPO trainer
     return [trainer, trl.ModelConfig, trl.ScriptArguments]
 
 
@@ -96,7 +96,7 @@ def test_the_notice_omits_what_the_user_set_and_names_ppo_s_source():
 
 # ===================================================================== TRL trainers posttrain has no stage for
 
-@pytest.mark.parametrize("name, nearest", [("kto", "posttrain dpo"), ("online_dpo", "posttrain grpo"),
+@pytest.mark.parametrize("name, nearest", [("online_dpo", "posttrain grpo"),
                                            ("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain grpo"),
                                            ("nash_md", "posttrain grpo"), ("gkd", "posttrain sft"), ("bco", "posttrain dpo"),
                                            ("prm", "posttrain rm")])
