@@ -1,6 +1,6 @@
 """posttrain's command line: subcommand -> config dataclass -> recipe main(cfg).
 
-    posttrain sft | rm | dpo | ppo | grpo | rloo  [--config FILE.yaml] [--FIELD VALUE ...]
+    posttrain sft | rm | dpo | kto | ppo | grpo | rloo  [--config FILE.yaml] [--FIELD VALUE ...]
     posttrain reward ...                   (the same as posttrain rm, TRL's name)
     posttrain generate --model_name_or_path DIR --prompt TEXT
     posttrain eval     --model_name_or_path DIR --dataset_name FILE
@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from posttrain.errors import UserError  # noqa: E402
 
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "online_dpo")
+STAGES = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo")
 STAGE_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat data",
     "rm": "train a Bradley-Terry reward model on preference pairs",
@@ -42,12 +42,12 @@ STAGE_HELP = {
     "rloo": "REINFORCE Leave-One-Out: the grpo recipe with TRL RLOOTrainer's defaults (KL in the reward)",
     "online_dpo": "Online DPO: pairs sampled from the current policy, judged by the reward sources, DPO loss",
 }
+STAGE_HELP["kto"] = "Kahneman-Tversky Optimization on rows labelled desirable / undesirable (or unpaired preference pairs)"
 
 
 # TRL's trainers (and commands) posttrain has no stage for -> what to run instead
-_GRPO_ONLINE = "posttrain grpo or posttrain ppo with --reward_model_name_or_path (online, on sampled completions)"
+_GRPO_ONLINE = "posttrain online_dpo, posttrain grpo or posttrain ppo with --reward_model_name_or_path (online, on sampled completions)"
 NEAREST_STAGE = {
-    "kto": "posttrain dpo on chosen / rejected pairs (KTO's unpaired desirable / undesirable labels are not read)",
     "bco": "posttrain dpo on chosen / rejected pairs (BCO's unpaired labels are not read)",
     "xpo": _GRPO_ONLINE, "nash_md": _GRPO_ONLINE,
     "orpo": "posttrain dpo --rpo_alpha 1 (a preference loss plus the chosen responses' NLL, with a reference model)",
@@ -57,7 +57,7 @@ NEAREST_STAGE = {
     "distillation": "posttrain sft on the teacher's completions (no on-policy distillation)",
     "prm": "posttrain rm (one reward per sequence; no per-step rewards)",
     "dapo": "posttrain grpo --loss_type dapo", "dr_grpo": "posttrain grpo --loss_type dr_grpo --scale_rewards none",
-    "bnpo": "posttrain grpo --loss_type bnpo", "gspo": "posttrain grpo (ratios are per token; no sequence-level GSPO)",
+    "bnpo": "posttrain grpo --loss_type bnpo", "gspo": "posttrain grpo --importance_sampling_level sequence",
     "vllm_serve": "--rollout_engine module:factory of ppo / grpo (posttrain samples with transformers generate; a factory "
                   "plugs in a server)",
 }
@@ -67,7 +67,8 @@ def _unknown_command(name: str, commands) -> str:
     """The line for a command posttrain does not have: the nearest stage for a TRL trainer's name, else the closest command."""
     import difflib
 
-    listing = "posttrain's stages: sft, rm (reward), dpo, ppo, grpo; other commands: generate, eval, data, demo, report"
+    stages = ", ".join("rm (reward)" if stage == "rm" else stage for stage in STAGES)
+    listing = f"posttrain's stages: {stages}; other commands: generate, eval, data, demo, report"
     key = name.lower().replace("-", "_")
     if key in NEAREST_STAGE:
         return f"posttrain has no {name} stage; nearest: {NEAREST_STAGE[key]}. {listing}"

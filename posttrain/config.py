@@ -437,9 +437,26 @@ class OnlineDPOConfig(DropoutConfig, RolloutConfig, RewardConfig, CommonConfig):
     a tie chooses the first sampled. Not given, with a reward_model_name_or_path: none (the reward model alone)."""
 
 
+@dataclass
+class KTOConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
+    """posttrain kto: Kahneman-Tversky Optimization on rows labelled desirable or undesirable."""
+
+    ref_model_name_or_path: str = ""
+    """Frozen reference model; empty means the starting policy (model_name_or_path)."""
+    beta: float = 0.1
+    """Inverse temperature β of the implicit reward β·log(π/π_ref); higher stays closer to the reference."""
+    loss_type: str = "kto"
+    """kto (KTO, with the KL reference point z0) | apo_zero_unpaired (unpaired APO-zero: no reference point)."""
+    desirable_weight: float = 1.0
+    """λ_D, the weight of the desirable rows' losses; with unequal counts keep λ_D·n_D / (λ_U·n_U) in [1, 4/3] (KTO Eq. 8)."""
+    undesirable_weight: float = 1.0
+    """λ_U, the weight of the undesirable rows' losses."""
+
+
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
                  "rloo": RLOOConfig}
 STAGE_CONFIGS["online_dpo"] = OnlineDPOConfig
+STAGE_CONFIGS["kto"] = KTOConfig
 RL_STAGES = ("ppo", "grpo", "rloo", "online_dpo")
 
 
@@ -876,6 +893,7 @@ TRL_DEFAULTS: dict = {
     "ppo": {"eval_strategy": "no", "learning_rate": 5e-5, "lr_scheduler_type": "linear", "num_train_epochs": 3.0,
             "logging_steps": 500, "save_steps": 500, "save_total_limit": None, "lora_dropout": 0.05, "lora_target_modules": None},
 }
+TRL_DEFAULTS["kto"] = {**_TRL_TRAINER_DEFAULTS, "max_length": 1024, "learning_rate": 1e-6}  # trl.KTOConfig
 # what the notice calls the source of a stage's table: (in each item, in its head); TRL otherwise
 _TRL_DEFAULTS_SOURCE = {"ppo": ("transformers", "transformers' TrainingArguments' (TRL 1.16 has no PPO trainer)")}
 # fields that change nothing unless another is on: a notice about them only then
@@ -989,6 +1007,7 @@ _CHOICES = {
 _LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo")}
 _LOSS_TYPES["rloo"] = _LOSS_TYPES["grpo"]
 _LOSS_TYPES["online_dpo"] = ("sigmoid", "ipo")
+_LOSS_TYPES["kto"] = ("kto", "apo_zero_unpaired")
 
 
 def _ge(low):
@@ -1105,6 +1124,10 @@ _RANGES: dict = {
     "max_tool_response_length": _ge(0),
     "tool_timeout_s": _ge(0),
 }
+# kto
+_RANGES["beta"] = {**_RANGES["beta"], "kto": _gt(0)}
+_RANGES["desirable_weight"] = _ge(0)
+_RANGES["undesirable_weight"] = _ge(0)
 # a rule that reads another field: where that one was given, when this one was not
 _RANGES_READ = {"max_prompt_length": "max_length", "tiny_hidden_size": "tiny_num_heads"}
 # checked only when the user gives the field: the default max_prompt_length (256) is capped by the

@@ -13,6 +13,8 @@ one folder of those per config (gsm8k's ``main/``), or the configs and splits of
               common prefix is the prompt: shared leading turns of conversations, shared
               leading text of strings (hh-rlhf; TRL's ``extract_prompt``)
 - prompts:    {"prompt": str|messages, ...extra fields passed to reward functions}
+- unpaired:   {"prompt", "completion", "label": bool} (kto; TRL's unpaired preference format),
+              or preference pairs, each unpaired into a desirable and an undesirable row
 
 A bare string prompt is used as is (it may already carry a chat template); a
 completion string gets the EOS token appended. Messages go through the
@@ -38,7 +40,7 @@ objects, missing fields and fields of the wrong type, texts that are empty or
 only whitespace (a string ``prompt`` may be empty, meaning no prompt, but not
 only whitespace), messages with a role other than system, user, assistant or
 tool or with blank content (an assistant turn carrying ``tool_calls`` may have
-empty content), margins that are not finite numbers, and an SFT file that
+empty content), margins that are not finite numbers, KTO labels that are not true / false, and an SFT file that
 mixes ``messages`` rows with prompt/completion rows (the first row of the
 other format is named; in parquet a null column counts as absent). Values nested
 nearly as deep as json allows are an error too. A UTF-8 byte-order mark
@@ -721,6 +723,18 @@ def text_example(row: Row, tokenizer, text_field: str = "text") -> Example:
     return Example([], ids if ids[-1:] == [tokenizer.eos_token_id] else ids + [tokenizer.eos_token_id])
 
 
+def prompt_completion_example(row: Row, tokenizer) -> Example:
+    """A {"prompt", "completion"} row (text or messages) checked and encoded."""
+    prompt, completion = _need(row, "prompt"), _need(row, "completion")
+    _check_text_or_messages(row, "prompt", prompt)
+    _check_text_or_messages(row, "completion", completion)
+    _check_same_kind(row, prompt, "completion", completion)
+    try:
+        return Example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, prompt, completion))
+    except TemplateMismatch as err:
+        raise UserError(f"{row.source}: {err}") from None
+
+
 def sft_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int,
                  text_field: str = "text") -> list[Example]:
     out, prompt_lengths = [], []
@@ -747,14 +761,7 @@ def sft_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length:
             elif kind == "text":
                 example = text_example(row, tokenizer, text_field)
             else:
-                prompt, completion = _need(row, "prompt"), _need(row, "completion")
-                _check_text_or_messages(row, "prompt", prompt)
-                _check_text_or_messages(row, "completion", completion)
-                _check_same_kind(row, prompt, "completion", completion)
-                try:
-                    example = Example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, prompt, completion))
-                except TemplateMismatch as err:
-                    raise UserError(f"{row.source}: {err}") from None
+                example = prompt_completion_example(row, tokenizer)
             prompt_lengths.append(len(example.prompt_ids))
             out.append(truncate(example, max_length, max_prompt_length))
     except RecursionError:
@@ -848,6 +855,51 @@ def preference_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_
         _warn(f"{count} pair{'s' if count > 1 else ''} in {file} {'have' if count > 1 else 'has'} chosen == rejected; "
               f"{'they carry' if count > 1 else 'it carries'} no preference signal")
     return out
+
+
+@dataclass
+class UnpairedExample:
+    """One KTO row: a prompt and a response labelled desirable (True) or undesirable (False)."""
+
+    example: Example
+    label: bool
+
+
+def _label(row: Row) -> bool:
+    label = _need(row, "label")
+    if isinstance(label, str) and _file_of(row.source).endswith(".csv") and label.lower() in ("true", "false"):
+        return label.lower() == "true"  # CSV values are strings
+    if not isinstance(label, bool):
+        raise UserError(f"{row.source}: field 'label' must be true (desirable) or false (undesirable), got {_describe(label)}")
+    return label
+
+
+def unpaired_examples(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int) -> list[UnpairedExample]:
+    """KTO's rows: {"prompt", "completion", "label"} (TRL's unpaired preference format), or preference pairs
+    unpaired as TRL's ``unpair_preference_dataset`` does them: each pair's chosen response is a desirable row and
+    its rejected one an undesirable row (the desirable rows first). The first row's fields decide the format."""
+    first = rows[0].data
+    if first.get("chosen") is not None and first.get("rejected") is not None:
+        pairs = preference_examples(rows, tokenizer, max_length, max_prompt_length)
+        return [UnpairedExample(p.chosen, True) for p in pairs] + [UnpairedExample(p.rejected, False) for p in pairs]
+    out, prompt_lengths = [], []
+    try:  # values nested nearly as deep as json allows overflow the stack when compared
+        for row in rows:
+            example = prompt_completion_example(row, tokenizer)
+            label = _label(row)
+            prompt_lengths.append(len(example.prompt_ids))
+            out.append(UnpairedExample(truncate(example, max_length, max_prompt_length), label))
+    except RecursionError:
+        raise UserError(f"{row.source}: a field is nested too deeply to process") from None
+    _warn_long_prompts(rows, prompt_lengths, max_prompt_length)
+    return out
+
+
+def mismatched_examples(examples: list[Example], max_length: int) -> list[Example]:
+    """KTO's KL pairs over a batch: row i's prompt with row i-1's response (row 0 with the last row's), as TRL
+    builds them; each response keeps its first tokens within max_length."""
+    shifted = examples[-1:] + examples[:-1]
+    return [Example(e.prompt_ids, s.completion_ids[:max_length - len(e.prompt_ids)]) for e, s in zip(examples, shifted)]
 
 
 @dataclass
@@ -1047,6 +1099,29 @@ def collate_preferences(pairs: list[PreferenceExample], indices: list[int], pad_
                         padding_free: bool = False) -> PreferenceBatch:
     tokens = collate_examples([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, padding_free=padding_free)
     return PreferenceBatch(tokens, torch.tensor([p.margin for p in pairs]), torch.tensor(indices))
+
+
+@dataclass
+class UnpairedBatch:
+    """KTO's micro-batch: each row's prompt + response, and the mismatched pairs that estimate the KL reference point."""
+
+    tokens: TokenBatch | PackedBatch  # (B, L) prompt_i + response_i, or packed (1, N)
+    kl_tokens: TokenBatch | PackedBatch | None  # (B, L') prompt_i + response_{i-1} (mismatched_examples); None: no KL
+    label: torch.Tensor  # (B,) bool, True: desirable
+
+    def to(self, device) -> UnpairedBatch:
+        kl = None if self.kl_tokens is None else self.kl_tokens.to(device)
+        return UnpairedBatch(self.tokens.to(device), kl, self.label.to(device))
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def collate_unpaired(examples: list[UnpairedExample], kl_examples: list[Example] | None, pad_id: int,
+                     padding_free: bool = False) -> UnpairedBatch:
+    tokens = collate_examples([e.example for e in examples], pad_id, padding_free=padding_free)
+    kl = None if kl_examples is None else collate_examples(kl_examples, pad_id, padding_free=padding_free)
+    return UnpairedBatch(tokens, kl, torch.tensor([e.label for e in examples], dtype=torch.bool))
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

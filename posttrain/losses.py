@@ -26,6 +26,7 @@ __all__ = [
     "packed_sequence_logps",
     "dpo_loss",
     "reward_model_loss",
+    "kto_loss",
     "kl_penalty",
     "bias_corrected_kl",
     "gae",
@@ -53,6 +54,7 @@ AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 POLICY_LOSSES = ("clip", "cispo", "sapo")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -197,6 +199,45 @@ def reward_model_loss(
     if margin is not None:
         diff = diff - margin
     return -F.logsigmoid(diff).mean()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kahneman-Tversky Optimization loss per unpaired row, and the implicit rewards.
+
+    With r = log π(y|x) - log π_ref(y|x), each row labelled desirable (λ = λ_D) or
+    undesirable (λ = λ_U):
+
+    - kto:  desirable λ_D·(1 - σ(β(r - z0))), undesirable λ_U·(1 - σ(β(z0 - r)))
+      KTO, arXiv 2402.01306 §4.1 (λ_y - v(x, y), Eq. 7 as TRL cites it). The
+      reference point z0 = max(0, kl) is the KL of π to π_ref estimated on
+      mismatched pairs (x_i, y_j) of the batch; it is detached (not
+      backpropagated, as in the paper).
+    - apo_zero_unpaired: desirable λ_D·(1 - σ(βr)), undesirable λ_U·σ(βr)
+      (the unpaired APO-zero of arXiv 2408.06266 Eq. 7; no reference point).
+
+    Shape: policy_logps (B,), ref_logps (B,) summed response log-probs, labels
+    (B,) bool (True: desirable), kl () the mean log-ratio on the mismatched
+    pairs (None: 0) -> (losses (B,), rewards (B,) β·r detached, z0 ()).
+    """
+    _check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+    logratios = policy_logps - ref_logps
+    z0 = torch.zeros((), device=logratios.device) if kl is None or loss_type != "kto" else kl.detach().clamp(min=0)
+    labels = labels.bool()
+    if loss_type == "kto":
+        losses = torch.where(labels, 1 - torch.sigmoid(beta * (logratios - z0)), 1 - torch.sigmoid(beta * (z0 - logratios)))
+    else:
+        losses = torch.where(labels, 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios))
+    weights = torch.where(labels, desirable_weight, undesirable_weight).to(losses.dtype)
+    return weights * losses, beta * logratios.detach(), z0
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:

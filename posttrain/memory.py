@@ -233,6 +233,7 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
     """Bytes per device of each part of the run (see the module docstring), and a ``total``; None when unreadable."""
     stage = stage or _stage_of(cfg)
     stage = "grpo" if stage == "rloo" else stage  # the grpo recipe with other defaults
+    stage = "dpo" if stage == "kto" else stage  # B rows and their B mismatched pairs: dpo's 2B rows, with a reference
     scalar = stage == "rm"
     policy = _shape_of(cfg, cfg.model_name_or_path, scalar=scalar, lora=cfg.use_peft)
     if policy is None:

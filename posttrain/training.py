@@ -272,6 +272,7 @@ def fit(
     evaluate: Callable[[], dict] | None = None,
     desc: str = "train",
     batch_weight: Callable[[object], float] | None = None,
+    shares_itself: bool = False,
 ) -> dict:
     """Train ``model`` on the examples whose token lengths are ``lengths``.
 
@@ -279,6 +280,8 @@ def fit(
     the mean loss and a dict of detached stats. Accumulated micro-batches are
     weighted by ``batch_weight(batch)`` (default: rows), so that a token-mean
     loss weighted by its token count gives exactly the large batch's gradient.
+    ``shares_itself``: ``make_batch`` gets the whole global micro-batch and takes
+    this rank's share itself (KTO pairs each row with another row's response).
     Returns the last log record.
     """
     params = trainable_parameters(model)
@@ -321,7 +324,8 @@ def fit(
             batches = epoch_batches(epoch)
             while micro < len(batches) and step < steps:
                 # one optimizer step = `accum` global micro-batches (fewer at the end of an epoch)
-                host = [make_batch(distributed.rank_share(indices)) for indices in batches[micro:micro + accum]]
+                host = [make_batch(indices if shares_itself else distributed.rank_share(indices))
+                        for indices in batches[micro:micro + accum]]
                 # weights are read from the host batches before they move: no device sync per micro-batch
                 weights = [float(batch_weight(b)) if batch_weight else float(len(b)) for b in host]
                 made = [b.to(distributed.device()) for b in host]

@@ -27,7 +27,7 @@ def trl_classes(stage: str) -> list:
     from trl.experimental.online_dpo import OnlineDPOConfig
 
     trainer = {"sft": trl.SFTConfig, "rm": trl.RewardConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig,
-               "rloo": trl.RLOOConfig, "online_dpo": OnlineDPOConfig,
+               "rloo": trl.RLOOConfig, "online_dpo": OnlineDPOConfig, "kto": trl.KTOConfig,
                "ppo": transformers.TrainingArguments}[stage]  # TRL 1.16 has no PPO trainer
     return [trainer, trl.ModelConfig, trl.ScriptArguments]
 
@@ -99,7 +99,7 @@ def test_the_notice_omits_what_the_user_set_and_names_ppo_s_source():
 
 # ===================================================================== TRL trainers posttrain has no stage for
 
-@pytest.mark.parametrize("name, nearest", [("kto", "posttrain dpo"), ("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain grpo"),
+@pytest.mark.parametrize("name, nearest", [("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain grpo"),
                                            ("nash_md", "posttrain grpo"), ("gkd", "posttrain sft"), ("bco", "posttrain dpo"),
                                            ("prm", "posttrain rm")])
 def test_a_trl_trainer_posttrain_lacks_says_what_to_run(cli, name, nearest):
@@ -107,7 +107,7 @@ def test_a_trl_trainer_posttrain_lacks_says_what_to_run(cli, name, nearest):
     assert proc.returncode == 2 and proc.stdout == ""
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(f"posttrain: error: posttrain has no {name} stage; nearest: {nearest}"), line
-    assert "posttrain: posttrain" not in line and "sft, rm (reward), dpo, ppo, grpo" in line
+    assert "posttrain: posttrain" not in line and "sft, rm (reward), dpo, kto, ppo, grpo, rloo, online_dpo" in line
 
 
 def test_every_trl_command_is_a_posttrain_command_or_named_with_the_nearest():

@@ -1,6 +1,6 @@
 """Real torchrun processes on CPU (gloo): N ranks equal one process for the same global batch.
 
-For sft, rm and dpo, 2 ranks x batch b end with the same weights as 1 process x
+For sft, rm, dpo and kto, 2 ranks x batch b end with the same weights as 1 process x
 batch 2b, under DDP and FSDP2. PPO and GRPO compare the same way with a rollout
 engine of fixed completions (tests/distributed/fixed_engine.py), so the test
 checks the distributed update itself: whitening, group statistics, token
@@ -25,7 +25,7 @@ from posttrain.metrics import read_metrics
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TOLERANCE = 1e-5
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "kto")
 
 
 def launch(jobs: list[list[str]], workdir: Path, nproc: int, timeout: int = 600) -> None:
@@ -62,6 +62,9 @@ def stage_jobs(root: Path, model: Path, data: dict, per_device: int, extra: list
          "--target_kl_coef", "0.5", "--output_dir", str(root / "ppo")],
         ["grpo", *common, *rl, "--per_device_train_batch_size", str(per_device // 2), "--num_generations", "4",
          "--scale_rewards", "batch", "--loss_type", "dapo", "--num_iterations", "2", "--output_dir", str(root / "grpo")],
+        # z0 from the mismatched pairs of the global micro-batch, its mean summed over ranks
+        ["kto", *common, "--dataset_name", str(data["preference"]), "--max_steps", "3", "--undesirable_weight", "1.5",
+         "--learning_rate", "3e-3", "--per_device_train_batch_size", str(per_device), "--output_dir", str(root / "kto")],
     ]
 
 
@@ -125,6 +128,8 @@ def test_two_ranks_equal_one_process(runs, stage, mode):
     # the logged loss is the global batch's, not a rank's
     for a, b in zip(lines_one, lines_many):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        if stage == "kto":  # z0: the global micro-batch's mismatched pairs, not each rank's
+            assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-6)
 
 
 def test_fsdp_checkpoint_is_sharded_and_holds_no_pickle(runs):
