@@ -61,7 +61,9 @@ RANGES = {
     "eval_steps": (0, False, None, None),
     "eval_split": (0, False, 1, True),
     "beta": {"dpo": (0, True, None, None), "grpo": (0, False, None, None), "rloo": (0, False, None, None),
-             "online_dpo": (0, True, None, None)},
+             "online_dpo": (0, True, None, None), "kto": (0, True, None, None)},
+    "desirable_weight": (0, False, None, None),
+    "undesirable_weight": (0, False, None, None),
     "label_smoothing": (0, False, 0.5, True),
     "rpo_alpha": (0, False, None, None),
     "center_rewards_coefficient": (0, False, None, None),
@@ -113,6 +115,7 @@ CHOICES = {
     ("grpo", "loss_type"): {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo"},
     ("rloo", "loss_type"): {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo"},
     ("online_dpo", "loss_type"): {"sigmoid", "ipo"},
+    ("kto", "loss_type"): {"kto", "apo_zero_unpaired"},
 }
 
 

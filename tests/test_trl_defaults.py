@@ -99,8 +99,8 @@ def test_the_notice_omits_what_the_user_set_and_names_ppo_s_source():
 
 # ===================================================================== TRL trainers posttrain has no stage for
 
-@pytest.mark.parametrize("name, nearest", [("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain grpo"),
-                                           ("nash_md", "posttrain grpo"), ("gkd", "posttrain sft"), ("bco", "posttrain dpo"),
+@pytest.mark.parametrize("name, nearest", [("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain online_dpo"),
+                                           ("nash_md", "posttrain online_dpo"), ("gkd", "posttrain sft"), ("bco", "posttrain dpo"),
                                            ("prm", "posttrain rm")])
 def test_a_trl_trainer_posttrain_lacks_says_what_to_run(cli, name, nearest):
     proc = cli(name, "--model_name_or_path", "m", "--dataset_name", "d")
