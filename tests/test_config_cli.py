@@ -206,7 +206,7 @@ def test_valid_choices_are_accepted():
 
 def test_stage_classes():
     assert STAGE_CONFIGS["ppo"] is PPOConfig and STAGE_CONFIGS["grpo"] is GRPOConfig
-    assert set(STAGE_CONFIGS) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo"}
+    assert set(STAGE_CONFIGS) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo", "distill"}
 
 
 # ===================================================================== field docs

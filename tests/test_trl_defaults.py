@@ -17,15 +17,18 @@ NONE_MEANS_POSTTRAIN_DEFAULT = {
     "eval_steps", "epsilon_high", "completion_only_loss", "reward_weights", "fsdp", "center_rewards_coefficient", "min_p",
     "delta", "eos_token", "chat_template_path", "attn_implementation", "dataset_config", "resume_from_checkpoint", "run_name",
 }
-# where a run reads and writes, not how it trains (TRL has no default model or data; its output_dir is trainer_output)
-NOT_COMPARED = {"model_name_or_path", "dataset_name", "output_dir"}
+# where a run reads and writes, not how it trains (TRL has no default model or data; its output_dir is trainer_output;
+# GKD's teacher None is the trained model itself, posttrain distill requires one)
+NOT_COMPARED = {"model_name_or_path", "dataset_name", "output_dir", "teacher_model_name_or_path"}
 
 
 def trl_classes(stage: str) -> list:
     trl = pytest.importorskip("trl")
     transformers = pytest.importorskip("transformers")
     trainer = {"sft": trl.SFTConfig, "rm": trl.RewardConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig,
-               "rloo": trl.RLOOConfig, "ppo": transformers.TrainingArguments}[stage]  # TRL 1.16 has no PPO trainer
+               "rloo": trl.RLOOConfig, "ppo": transformers.TrainingArguments}.get(stage)  # TRL 1.16 has no PPO trainer
+    if stage == "distill":
+        trainer = pytest.importorskip("trl.experimental.gkd").GKDConfig
     return [trainer, trl.ModelConfig, trl.ScriptArguments]
 
 
@@ -98,7 +101,7 @@ def test_the_notice_omits_what_the_user_set_and_names_ppo_s_source():
 
 @pytest.mark.parametrize("name, nearest", [("kto", "posttrain dpo"), ("online_dpo", "posttrain grpo"),
                                            ("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain grpo"),
-                                           ("nash_md", "posttrain grpo"), ("gkd", "posttrain sft"), ("bco", "posttrain dpo"),
+                                           ("nash_md", "posttrain grpo"), ("bco", "posttrain dpo"),
                                            ("prm", "posttrain rm")])
 def test_a_trl_trainer_posttrain_lacks_says_what_to_run(cli, name, nearest):
     proc = cli(name, "--model_name_or_path", "m", "--dataset_name", "d")
