@@ -79,3 +79,26 @@ def test_distill_needs_a_teacher_and_lmbda_and_beta_in_0_1():
     for name in ("lmbda", "beta"):
         with pytest.raises(UserError, match=rf"field '{name}' must be in \[0, 1\]"):
             load_config("distill", None, {"dataset_name": "d.jsonl", "teacher_model_name_or_path": "t", name: "1.5"})
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_runs_weights(teacher, arith_data, tmp_path):
+    """The lmbda coins and the sampling keys come from the checkpointed RNG: a resumed run samples the same batches.
+
+    (The SIGTERM / SIGKILL machinery is the shared training.fit's, killed for real in tests/test_kill_resume.py.)"""
+    from safetensors.torch import load_file
+
+    def run(out, **extra):
+        values = {"model_name_or_path": "tiny", "tiny_hidden_size": "16", "tiny_num_layers": "1", "tiny_num_heads": "2",
+                  "tiny_intermediate_size": "32", "teacher_model_name_or_path": str(teacher),
+                  "dataset_name": str(arith_data["sft"]), "output_dir": str(out), "max_steps": "4", "save_steps": "2",
+                  "logging_steps": "1", "learning_rate": "1e-2", "per_device_train_batch_size": "4", "max_new_tokens": "4",
+                  "max_length": "32", "num_threads": "1", "progress": "false", **extra}
+        distill.main(load_config("distill", None, values))
+        return read_metrics(out / "metrics.jsonl")
+
+    full = run(tmp_path / "full")
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert {r["on_policy"] for r in full} == {0.0, 1.0}  # both kinds of batch, before and after the checkpoint
+    assert [(r["step"], r["loss"], r["on_policy"]) for r in resumed] == [(r["step"], r["loss"], r["on_policy"]) for r in full[2:]]
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
