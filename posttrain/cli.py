@@ -1,7 +1,8 @@
 """posttrain's command line: subcommand -> config dataclass -> recipe main(cfg).
 
-    posttrain sft | rm | dpo | kto | ppo | grpo | rloo  [--config FILE.yaml] [--FIELD VALUE ...]
+    posttrain sft | rm | dpo | kto | ppo | grpo | rloo | online_dpo | distill  [--config FILE.yaml] [--FIELD VALUE ...]
     posttrain reward ...                   (the same as posttrain rm, TRL's name)
+    posttrain gkd | distillation ...       (the same as posttrain distill, TRL's names)
     posttrain generate --model_name_or_path DIR --prompt TEXT
     posttrain eval     --model_name_or_path DIR --dataset_name FILE
     posttrain data     arith --output_dir DIR
@@ -32,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from posttrain.errors import UserError  # noqa: E402
 
-STAGES = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo")
+STAGES = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "distill")
 STAGE_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat data",
     "rm": "train a Bradley-Terry reward model on preference pairs",
@@ -41,8 +42,11 @@ STAGE_HELP = {
     "grpo": "Group Relative Policy Optimization with verifiable rewards",
     "rloo": "REINFORCE Leave-One-Out: the grpo recipe with TRL RLOOTrainer's defaults (KL in the reward)",
     "online_dpo": "Online DPO: pairs sampled from the current policy, judged by the reward sources, DPO loss",
+    "distill": "on-policy distillation and GKD from a frozen teacher (generalised JSD on student or dataset completions)",
 }
 STAGE_HELP["kto"] = "Kahneman-Tversky Optimization on rows labelled desirable / undesirable (or unpaired preference pairs)"
+# TRL's command names of a posttrain stage -> the stage
+STAGE_ALIASES = {"reward": "rm", "gkd": "distill", "distillation": "distill"}
 
 
 # TRL's trainers (and commands) posttrain has no stage for -> what to run instead
@@ -53,8 +57,6 @@ NEAREST_STAGE = {
     "orpo": "posttrain dpo --rpo_alpha 1 (a preference loss plus the chosen responses' NLL, with a reference model)",
     "cpo": "posttrain dpo (a preference loss with a reference model)",
     "simpo": "posttrain dpo --logps_normalization mean (length-normalised, with a reference model)",
-    "gkd": "posttrain sft on the teacher's completions (no on-policy distillation)",
-    "distillation": "posttrain sft on the teacher's completions (no on-policy distillation)",
     "prm": "posttrain rm (one reward per sequence; no per-step rewards)",
     "dapo": "posttrain grpo --loss_type dapo", "dr_grpo": "posttrain grpo --loss_type dr_grpo --scale_rewards none",
     "bnpo": "posttrain grpo --loss_type bnpo", "gspo": "posttrain grpo --importance_sampling_level sequence",
@@ -137,7 +139,7 @@ def _stage_parser(sub, stage: str) -> None:
     for name, target in trl_flags(stage).items():
         aliases.setdefault(target, []).append(name)
     parser = sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage],
-                            aliases=["reward"] if stage == "rm" else [])
+                            aliases=[alias for alias, target in STAGE_ALIASES.items() if target == stage])
     parser.add_argument("--config", help="YAML file of field: value (flags override it)")
     bools = set()
     for f in dataclasses.fields(cls):
@@ -247,8 +249,7 @@ def run(argv: list[str]) -> int:
     if first and not first.startswith("-") and first not in parser.commands:  # argparse: "invalid choice", nothing suggested
         raise UserError(_unknown_command(first, parser.commands))
     args, extras = parser.parse_known_args(argv)
-    if args.command == "reward":  # TRL's name of the reward-model stage
-        args.command = "rm"
+    args.command = STAGE_ALIASES.get(args.command, args.command)  # TRL's names: reward (rm), gkd / distillation
     if extras:
         raise UserError(_unknown_args(parser, args.command, extras))
     if args.command in STAGES:

@@ -453,10 +453,46 @@ class KTOConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
     """λ_U, the weight of the undesirable rows' losses."""
 
 
+@dataclass
+class DistillConfig(DropoutConfig, SFTConfig):
+    """posttrain distill: on-policy distillation and GKD from a frozen teacher (TRL GKDConfig's fields and defaults)."""
+
+    teacher_model_name_or_path: str = ""
+    """The frozen teacher (a local model folder); it must share the student's tokenizer. Required."""
+    lmbda: float = 0.5
+    """Fraction of micro-batches trained on completions the student samples for their prompts (on-policy, GKD's λ);
+    the others use the dataset's completions (or, with seq_kd, the teacher's)."""
+    beta: float = 0.5
+    """Generalised JSD interpolation β in [0, 1]: 0 is the forward KL(teacher || student), 1 the reverse
+    KL(student || teacher) of on-policy distillation, 0.5 the Jensen-Shannon divergence."""
+    teacher_top_k: int = 0
+    """Bound the loss's memory by the teacher's k most likely tokens per position: teacher and student are both
+    renormalised over those k and compared there (0: the whole vocabulary, as in TRL)."""
+    seq_kd: bool = False
+    """Sequence-level KD: the micro-batches that are not on-policy train on completions the teacher samples
+    instead of the dataset's."""
+    max_completion_length: int = 128
+    """Most new tokens sampled per on-policy (or seq_kd) completion (TRL: max_new_tokens)."""
+    temperature: float = 0.9
+    """Sampling temperature of the student's (and seq_kd teacher's) completions; the loss compares the
+    untempered distributions, as TRL's GKDTrainer does."""
+    top_k: int = 0
+    """Sample from the top-k tokens only (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens holding this probability (1: all)."""
+    min_p: float = 0.0
+    """Sample only tokens with at least min_p times the top token's probability (0: off)."""
+    rollout_engine: str = "hf"
+    """What samples completions: `hf` (transformers generate with the KV cache), or `module:factory` of your own."""
+    generation_cache: str = "dynamic"
+    """KV cache of `hf` sampling: dynamic, or static (preallocated, compiled by torch.compile; CUDA only)."""
+
+
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
                  "rloo": RLOOConfig}
 STAGE_CONFIGS["online_dpo"] = OnlineDPOConfig
 STAGE_CONFIGS["kto"] = KTOConfig
+STAGE_CONFIGS["distill"] = DistillConfig
 RL_STAGES = ("ppo", "grpo", "rloo", "online_dpo")
 
 
@@ -733,6 +769,7 @@ TRL_ALIASES: dict = {
     "reward_model_path": ("reward_model_name_or_path", None, ("ppo", "online_dpo")),
     "max_new_tokens": ("max_completion_length", None, ("online_dpo",)),
     "exp_name": ("run_name", None, ("ppo",)),
+    "max_new_tokens": ("max_completion_length", None, ("distill",)),
 }
 
 ANY = None  # every value is harmless: a notice, never an error
@@ -866,6 +903,8 @@ TRL_UNSUPPORTED: dict = {
     "num_sample_generations": (ANY, "use log_completions (completions.jsonl)"),
     "stop_token_id": ((), "completions stop at the tokenizer's EOS; set eos_token in the model folder"),
     "model_adapter_name": ((), _NO), "ref_adapter_name": ((), _NO),
+    # GKD
+    "teacher_model_init_kwargs": ((), "the teacher is loaded with dtype and attn_implementation, as the student"),
 }
 
 
@@ -890,6 +929,8 @@ TRL_DEFAULTS: dict = {
              "use_bias_correction_kl": True, "disable_dropout": False},
     "rloo": {**_TRL_TRAINER_DEFAULTS, "max_completion_length": 512, "disable_dropout": False},
     "online_dpo": {**_TRL_TRAINER_DEFAULTS, "learning_rate": 5e-7},
+    # trl.experimental.gkd.GKDConfig (an SFTConfig): lmbda, beta and temperature are posttrain's too
+    "distill": {**_TRL_TRAINER_DEFAULTS, "max_length": 1024, "assistant_only_loss": False},
     "ppo": {"eval_strategy": "no", "learning_rate": 5e-5, "lr_scheduler_type": "linear", "num_train_epochs": 3.0,
             "logging_steps": 500, "save_steps": 500, "save_total_limit": None, "lora_dropout": 0.05, "lora_target_modules": None},
 }
@@ -1083,14 +1124,16 @@ _RANGES: dict = {
     "eval_max_rows": _ge(1),
     "eval_steps": _ge(0),
     "eval_split": _within(0, 1),
-    "beta": {"dpo": _gt(0), "grpo": _ge(0), "rloo": _ge(0), "online_dpo": _gt(0)},
+    "beta": {"dpo": _gt(0), "grpo": _ge(0), "rloo": _ge(0), "online_dpo": _gt(0), "distill": _within(0, 1, closed_high=True)},
+    "lmbda": _within(0, 1, closed_high=True),
+    "teacher_top_k": _ge(0),
     "label_smoothing": _within(0, 0.5),
     "rpo_alpha": _ge(0),
     "center_rewards_coefficient": _ge(0),
     "temperature": _gt(0),
     "top_k": _ge(0),
     "max_completion_length": {"ppo": _ge(1), "grpo": _ge(1), "rloo": _ge(1), "dpo": _ge(0),
-                              "online_dpo": _ge(1)},
+                              "online_dpo": _ge(1), "distill": _ge(1)},
     "top_p": (lambda v, cfg: 0 < v <= 1, "in (0, 1]"),
     "min_p": _within(0, 1),
     "repetition_penalty": (lambda v, cfg: v == 1.0, "1.0 (a penalty would make the sampled distribution differ from "
@@ -1237,12 +1280,15 @@ def _check_report_to(cfg, sources: dict | None) -> None:
                             f"or drop it from report_to")
 
 
-_MODEL_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "reward_model_name_or_path", "critic_model_name_or_path")
+_MODEL_FIELDS = ("model_name_or_path", "ref_model_name_or_path", "reward_model_name_or_path", "critic_model_name_or_path",
+                 "teacher_model_name_or_path")
 _DATA_FIELDS = ("dataset_name", "eval_dataset_name")
 
 
 def _check_paths(cfg, sources: dict | None) -> None:
     """Models and data the run reads exist locally; output_dir is (or can be made) a writable folder."""
+    if hasattr(cfg, "teacher_model_name_or_path") and not cfg.teacher_model_name_or_path:
+        raise UserError("field 'teacher_model_name_or_path' is required for `posttrain distill` (the frozen teacher)")
     for name in _MODEL_FIELDS:
         path = getattr(cfg, name, "")
         tiny = name == "model_name_or_path" and path == "tiny"

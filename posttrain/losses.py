@@ -15,6 +15,8 @@ model. Shapes use one legend throughout:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,8 @@ __all__ = [
     "entropy_from_logits",
     "chunked_head_logps",
     "explained_variance",
+    "generalized_jsd",
+    "generalized_jsd_loss",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -878,3 +882,73 @@ def online_dpo_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     first_wins = (first >= second).long()
     rows = 2 * torch.arange(first.shape[0], device=rewards.device)
     return rows + 1 - first_wins, rows + first_wins
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int = 0,
+) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence between the teacher's and the student's next-token distributions.
+
+    GKD, Agarwal et al. arXiv 2306.13649 Eq. 1 (and TRL's GKDTrainer.generalized_jsd_loss). With
+    P = softmax(z_teacher / τ), Q = softmax(z_student / τ) and the mixture M = β·P + (1-β)·Q, per position
+
+        JSD(β)(P || Q) = β·KL(P || M) + (1-β)·KL(Q || M),   KL(A || B) = Σ_v A_v (log A_v - log B_v)
+
+    and at the two ends, as in TRL (where the formula itself would vanish):
+    β = 0: KL(P || Q), the forward KL (supervised KD); β = 1: KL(Q || P) =
+    Σ_v q_v (log q_v - log p_v), the reverse KL of on-policy distillation
+    (mode-seeking; Thinking Machines' and Qwen3's per-token objective).
+
+    ``top_k`` > 0 bounds memory by the teacher's k most likely tokens at each
+    position: P is the teacher's distribution restricted to those k tokens and
+    renormalised over them, Q is the student's likewise restricted to the same
+    k tokens and renormalised, and the divergence above is of these two k-way
+    distributions. Tokens outside the teacher's top k carry no loss and no
+    gradient; with k = V (or a teacher whose mass lies within its top k) this
+    is the full-vocabulary divergence.
+
+    Shape: student_logits (..., V), teacher_logits (..., V) -> (...,), float32 (float64 stays float64).
+    Gradient flows into student_logits only (teacher_logits are detached).
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student, teacher = student_logits.to(dtype) / temperature, teacher_logits.detach().to(dtype) / temperature
+    if top_k:
+        teacher, index = teacher.topk(min(top_k, teacher.shape[-1]), dim=-1)  # (..., k)
+        student = student.gather(-1, index)
+    log_q, log_p = F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
+
+    def kl(log_a, log_b):  # KL(A || B) over the last dimension
+        return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+    if beta == 0:
+        return kl(log_p, log_q)
+    if beta == 1:
+        return kl(log_q, log_p)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+    return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+
+
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int = 0,
+) -> torch.Tensor:
+    """Mean of ``generalized_jsd`` over the response tokens: Σ_t mask_t·JSD_t / Σ_t mask_t.
+
+    GKD, arXiv 2306.13649 Eq. 1 averaged over the completion's tokens, as TRL's
+    `batchmean` over the positions whose label is not -100: prompt and padding
+    positions (mask 0) add nothing. Without a mask every position counts.
+
+    Shape: student_logits (B, T, V), teacher_logits (B, T, V), mask (B, T) -> ().
+    """
+    per_token = generalized_jsd(student_logits, teacher_logits, beta, temperature, top_k)
+    if mask is None:
+        return per_token.mean()
+    return masked_sum(per_token, mask) / mask.sum().clamp_min(1)

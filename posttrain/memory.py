@@ -267,6 +267,10 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
         if reward is not None:
             parts["reward_model"] = reward.params * reward.weight_bytes / shard
             notes["reward_model"] = f"frozen, {_name(reward.dtype)}"
+    if stage == "distill":
+        teacher = _shape_of(cfg, cfg.teacher_model_name_or_path) or policy
+        parts["teacher"] = teacher.params * teacher.weight_bytes / shard
+        notes["teacher"] = f"frozen, {_name(teacher.dtype)}"
     critic = None
     if stage == "ppo" and cfg.critic == "separate":
         critic_path = cfg.critic_model_name_or_path or cfg.reward_model_name_or_path or cfg.model_name_or_path
@@ -279,6 +283,10 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
     B = cfg.per_device_train_batch_size
     if stage in ("sft", "dpo", "rm"):
         rows, length = B * (2 if stage in ("dpo", "rm") else 1), cfg.max_length
+        scored = rows * length
+    elif stage == "distill":  # dataset rows, or prompts with sampled completions
+        rollouts = rows = B
+        length = max(cfg.max_length, cfg.max_prompt_length + cfg.max_completion_length)
         scored = rows * length
     else:
         length = cfg.max_prompt_length + cfg.max_completion_length
@@ -299,13 +307,16 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
     parts["activations"] = acts
     notes["activations"] = f"{rows} rows x {length} tokens, {policy.layers} layers" + \
         (", checkpointed" if cfg.gradient_checkpointing else "")
-    if not scalar:
+    if stage == "distill":  # the student's and the teacher's whole (B, L, V) logits, from the models' own heads
+        parts["logits"] = 2 * logits_bytes(policy, scored, cfg.bf16, True, head_trained=not cfg.use_peft)
+        notes["logits"] = f"student and teacher: {scored} x {policy.vocab} logits each and their fp32 log-softmax"
+    elif not scalar:
         full = full_logits(cfg, policy)
         parts["logits"] = logits_bytes(policy, scored, cfg.bf16, full, head_trained=not cfg.use_peft)
         notes["logits"] = f"{scored} x {policy.vocab} logits and their fp32 log-softmax (the model's own head)" if full \
             else "one chunk of <= 2^25 logits (not B x T x V), with gradients" + \
             (", the head's gradient sum" if not cfg.use_peft and compute_bytes(policy, cfg.bf16) < FP32 else "")
-    if stage in ("ppo", "grpo", "online_dpo"):
+    if stage in ("ppo", "grpo", "online_dpo") or stage == "distill" and (cfg.lmbda > 0 or cfg.seq_kd):
         kv = policy.hidden * policy.kv_heads // policy.heads
         # sampling runs outside autocast, on the weights as loaded: the cache is in their dtype
         parts["kv_cache"] = rollouts * length * policy.layers * 2 * kv * policy.weight_bytes

@@ -409,12 +409,18 @@ def load_policy_and_reference(cfg, need_reference: bool = True):
     policy = prepare_for_training(policy, cfg)
     ref = None
     if need_reference and (cfg.ref_model_name_or_path or not cfg.use_peft):
-        ref = load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, "ref_model_name_or_path",
-                             trainable=False, allow_pickle=cfg.allow_pickle, **load_options(cfg))
-        if cfg.ref_model_name_or_path and getattr(cfg, "padding_free", False):
-            check_padding_free(ref)
-        ref = distributed.wrap(ref, cfg.fsdp, cfg.bf16, frozen=True)
+        ref = load_frozen_model(cfg, cfg.ref_model_name_or_path or cfg.model_name_or_path, "ref_model_name_or_path",
+                                check_packing=bool(cfg.ref_model_name_or_path))
     return tokenizer, policy, ref
+
+
+def load_frozen_model(cfg, path: str, field: str, check_packing: bool = True):
+    """A frozen causal LM (reference, teacher) loaded as the run loads its policy, wrapped for torchrun
+    (FSDP2 shards it too); a padding_free run checks that its attention keeps packed rows apart."""
+    model = load_causal_lm(path, field, trainable=False, allow_pickle=cfg.allow_pickle, **load_options(cfg))
+    if check_packing and getattr(cfg, "padding_free", False):
+        check_padding_free(model)
+    return distributed.wrap(model, cfg.fsdp, cfg.bf16, frozen=True)
 
 
 @contextlib.contextmanager

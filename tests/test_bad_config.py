@@ -61,16 +61,18 @@ RANGES = {
     "eval_steps": (0, False, None, None),
     "eval_split": (0, False, 1, True),
     "beta": {"dpo": (0, True, None, None), "grpo": (0, False, None, None), "rloo": (0, False, None, None),
-             "online_dpo": (0, True, None, None), "kto": (0, True, None, None)},
+             "online_dpo": (0, True, None, None), "kto": (0, True, None, None), "distill": (0, False, 1, False)},
     "desirable_weight": (0, False, None, None),
     "undesirable_weight": (0, False, None, None),
+    "lmbda": (0, False, 1, False),
+    "teacher_top_k": (0, False, None, None),
     "label_smoothing": (0, False, 0.5, True),
     "rpo_alpha": (0, False, None, None),
     "center_rewards_coefficient": (0, False, None, None),
     "temperature": (0, True, None, None),
     "top_k": (0, False, None, None),
     "max_completion_length": {"ppo": (1, False, None, None), "grpo": (1, False, None, None), "rloo": (1, False, None, None),
-                              "dpo": (0, False, None, None), "online_dpo": (1, False, None, None)},
+                              "dpo": (0, False, None, None), "online_dpo": (1, False, None, None), "distill": (1, False, None, None)},
     "top_p": (0, True, 1, False),
     "min_p": (0, False, 1, True),
     "repetition_penalty": (1, False, 1, False),  # other values: sampled != scored
@@ -372,8 +374,9 @@ def assert_rejected(code: int, err: str, out: Path) -> str:
 
 
 def base_fields(stage: str, root: Path, data: Path, out: Path) -> dict:
+    teacher = {"teacher_model_name_or_path": str(root / "model")} if stage == "distill" else {}
     return {"model_name_or_path": model_for(stage, root), "dataset_name": str(data), "output_dir": str(out),
-            "progress": False}
+            "progress": False, **teacher}
 
 
 @settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

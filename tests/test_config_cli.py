@@ -206,7 +206,7 @@ def test_valid_choices_are_accepted():
 
 def test_stage_classes():
     assert STAGE_CONFIGS["ppo"] is PPOConfig and STAGE_CONFIGS["grpo"] is GRPOConfig
-    assert set(STAGE_CONFIGS) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo", "kto", "online_dpo"}
+    assert set(STAGE_CONFIGS) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo", "kto", "online_dpo", "distill"}
 
 
 # ===================================================================== field docs

@@ -228,7 +228,7 @@ def test_harmless_flags_are_accepted_with_one_notice_each(capsys):
 
 
 def test_every_trl_and_transformers_field_is_handled():
-    """Systematic: each field of TrainingArguments and of TRL's SFT / DPO / reward / GRPO configs, model and
+    """Systematic: each field of TrainingArguments and of TRL's SFT / DPO / reward / GRPO / RLOO / GKD configs, model and
     script arguments is a posttrain field, an alias, in TRL_UNSUPPORTED, or a field another branch adds."""
     transformers = pytest.importorskip("transformers")
     trl = pytest.importorskip("trl")
@@ -236,10 +236,11 @@ def test_every_trl_and_transformers_field_is_handled():
              "merge_adapter", "padding_free"}
     ours = {f.name for cls in STAGE_CONFIGS.values() for f in dataclasses.fields(cls)}
     theirs = set()
+    from trl.experimental.gkd import GKDConfig  # posttrain distill
     from trl.experimental.online_dpo import OnlineDPOConfig
 
     for cls in (transformers.TrainingArguments, trl.SFTConfig, trl.DPOConfig, trl.RewardConfig, trl.GRPOConfig, trl.RLOOConfig,
-                OnlineDPOConfig, trl.ModelConfig, trl.ScriptArguments):
+                OnlineDPOConfig, GKDConfig, trl.ModelConfig, trl.ScriptArguments):
         theirs |= {f.name for f in dataclasses.fields(cls)}
     missing = theirs - ours - set(TRL_ALIASES) - set(TRL_UNSUPPORTED) - later
     assert not missing, sorted(missing)

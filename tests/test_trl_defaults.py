@@ -17,8 +17,9 @@ NONE_MEANS_POSTTRAIN_DEFAULT = {
     "eval_steps", "epsilon_high", "completion_only_loss", "reward_weights", "fsdp", "center_rewards_coefficient", "min_p",
     "delta", "missing_eos_penalty", "eos_token", "chat_template_path", "attn_implementation", "dataset_config", "resume_from_checkpoint", "run_name",
 }
-# where a run reads and writes, not how it trains (TRL has no default model or data; its output_dir is trainer_output)
-NOT_COMPARED = {"model_name_or_path", "dataset_name", "output_dir"}
+# where a run reads and writes, not how it trains (TRL has no default model or data; its output_dir is trainer_output;
+# GKD's teacher None is the trained model itself, posttrain distill requires one)
+NOT_COMPARED = {"model_name_or_path", "dataset_name", "output_dir", "teacher_model_name_or_path"}
 
 
 def trl_classes(stage: str) -> list:
@@ -28,7 +29,9 @@ def trl_classes(stage: str) -> list:
 
     trainer = {"sft": trl.SFTConfig, "rm": trl.RewardConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig,
                "rloo": trl.RLOOConfig, "online_dpo": OnlineDPOConfig, "kto": trl.KTOConfig,
-               "ppo": transformers.TrainingArguments}[stage]  # TRL 1.16 has no PPO trainer
+               "ppo": transformers.TrainingArguments}.get(stage)  # TRL 1.16 has no PPO trainer
+    if stage == "distill":
+        trainer = pytest.importorskip("trl.experimental.gkd").GKDConfig
     return [trainer, trl.ModelConfig, trl.ScriptArguments]
 
 
@@ -100,7 +103,7 @@ def test_the_notice_omits_what_the_user_set_and_names_ppo_s_source():
 # ===================================================================== TRL trainers posttrain has no stage for
 
 @pytest.mark.parametrize("name, nearest", [("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain online_dpo"),
-                                           ("nash_md", "posttrain online_dpo"), ("gkd", "posttrain sft"), ("bco", "posttrain dpo"),
+                                           ("nash_md", "posttrain online_dpo"), ("bco", "posttrain dpo"),
                                            ("prm", "posttrain rm")])
 def test_a_trl_trainer_posttrain_lacks_says_what_to_run(cli, name, nearest):
     proc = cli(name, "--model_name_or_path", "m", "--dataset_name", "d")

@@ -1,7 +1,7 @@
 """Real torchrun processes on CPU (gloo): N ranks equal one process for the same global batch.
 
 For sft, rm, dpo and kto, 2 ranks x batch b end with the same weights as 1 process x
-batch 2b, under DDP and FSDP2. PPO and GRPO compare the same way with a rollout
+batch 2b, under DDP and FSDP2. PPO, GRPO and distill (its on-policy batches) compare the same way with a rollout
 engine of fixed completions (tests/distributed/fixed_engine.py), so the test
 checks the distributed update itself: whitening, group statistics, token
 counts, KL control. Checkpoints resume 2 -> 1 and 1 -> 2 from FSDP2 and whole
@@ -25,7 +25,7 @@ from posttrain.metrics import read_metrics
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TOLERANCE = 1e-5
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "kto")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "kto", "distill")
 
 
 def launch(jobs: list[list[str]], workdir: Path, nproc: int, timeout: int = 600) -> None:
@@ -65,6 +65,11 @@ def stage_jobs(root: Path, model: Path, data: dict, per_device: int, extra: list
         # z0 from the mismatched pairs of the global micro-batch, its mean summed over ranks
         ["kto", *common, "--dataset_name", str(data["preference"]), "--max_steps", "3", "--undesirable_weight", "1.5",
          "--learning_rate", "3e-3", "--per_device_train_batch_size", str(per_device), "--output_dir", str(root / "kto")],
+        # the one-process run's SFT model teaches; lmbda 0.5 mixes fixed "student" completions and the dataset's
+        ["distill", *common, "--dataset_name", str(data["sft"]), "--teacher_model_name_or_path", str(root.parent / "one" / "sft"),
+         "--per_device_train_batch_size", str(per_device), "--gradient_accumulation_steps", "2", "--max_steps", "3",
+         "--lmbda", "0.5", "--rollout_engine", "fixed_engine:fixed_completions", "--max_new_tokens", "5",
+         "--learning_rate", "3e-4", "--output_dir", str(root / "distill")],  # a teacher this close moves weights slowly
     ]
 
 
