@@ -767,9 +767,8 @@ TRL_ALIASES: dict = {
     "response_length": ("max_completion_length", None, ("ppo",)),
     "sft_model_path": ("model_name_or_path", None, ("ppo",)),
     "reward_model_path": ("reward_model_name_or_path", None, ("ppo", "online_dpo")),
-    "max_new_tokens": ("max_completion_length", None, ("online_dpo",)),
+    "max_new_tokens": ("max_completion_length", None, ("online_dpo", "distill")),
     "exp_name": ("run_name", None, ("ppo",)),
-    "max_new_tokens": ("max_completion_length", None, ("distill",)),
 }
 
 ANY = None  # every value is harmless: a notice, never an error
