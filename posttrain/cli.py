@@ -1,6 +1,6 @@
 """posttrain's command line: subcommand -> config dataclass -> recipe main(cfg).
 
-    posttrain sft | rm | dpo | ppo | grpo | rloo  [--config FILE.yaml] [--FIELD VALUE ...]
+    posttrain sft | rm | dpo | cpo | orpo | ppo | grpo | rloo  [--config FILE.yaml] [--FIELD VALUE ...]
     posttrain reward ...                   (the same as posttrain rm, TRL's name)
     posttrain generate --model_name_or_path DIR --prompt TEXT
     posttrain eval     --model_name_or_path DIR --dataset_name FILE
@@ -33,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from posttrain.errors import UserError  # noqa: E402
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
+STAGES += ("cpo", "orpo")
 STAGE_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat data",
     "rm": "train a Bradley-Terry reward model on preference pairs",
@@ -40,6 +41,8 @@ STAGE_HELP = {
     "ppo": "PPO-based RLHF: actor, critic, reference and reward sources",
     "grpo": "Group Relative Policy Optimization with verifiable rewards",
     "rloo": "REINFORCE Leave-One-Out: the grpo recipe with TRL RLOOTrainer's defaults (KL in the reward)",
+    "cpo": "Contrastive Preference Optimization, and SimPO (--loss_type simpo): reference-free preference losses",
+    "orpo": "Odds Ratio Preference Optimization: the chosen responses' NLL plus an odds-ratio term, reference-free",
 }
 
 
@@ -49,9 +52,7 @@ NEAREST_STAGE = {
     "kto": "posttrain dpo on chosen / rejected pairs (KTO's unpaired desirable / undesirable labels are not read)",
     "bco": "posttrain dpo on chosen / rejected pairs (BCO's unpaired labels are not read)",
     "online_dpo": _GRPO_ONLINE, "xpo": _GRPO_ONLINE, "nash_md": _GRPO_ONLINE,
-    "orpo": "posttrain dpo --rpo_alpha 1 (a preference loss plus the chosen responses' NLL, with a reference model)",
-    "cpo": "posttrain dpo (a preference loss with a reference model)",
-    "simpo": "posttrain dpo --logps_normalization mean (length-normalised, with a reference model)",
+    "simpo": "posttrain cpo --loss_type simpo --cpo_alpha 0 (SimPO is CPO's loss_type simpo, as in TRL)",
     "gkd": "posttrain sft on the teacher's completions (no on-policy distillation)",
     "distillation": "posttrain sft on the teacher's completions (no on-policy distillation)",
     "prm": "posttrain rm (one reward per sequence; no per-step rewards)",

@@ -12,8 +12,9 @@ from posttrain.config import ACCELERATE_LAUNCH_OPTIONS, STAGE_CONFIGS, TRL_DEFAU
 
 # TRL's None that means what posttrain's default means: eval_steps (logging_steps; posttrain's 0), epsilon_high (epsilon;
 # posttrain's 0), completion_only_loss (true for prompt/completion rows, posttrain's true), reward_weights (all 1),
-# fsdp / center_rewards_coefficient / min_p / delta (off), and the empty paths and names
-NONE_MEANS_POSTTRAIN_DEFAULT = {
+# fsdp / center_rewards_coefficient / min_p / delta (off), and the empty paths and names; loss_weights (all 1) and
+# max_completion_length (cpo, orpo: no bound, posttrain's 0)
+NONE_MEANS_POSTTRAIN_DEFAULT = {"loss_weights", "max_completion_length",
     "eval_steps", "epsilon_high", "completion_only_loss", "reward_weights", "fsdp", "center_rewards_coefficient", "min_p",
     "delta", "eos_token", "chat_template_path", "attn_implementation", "dataset_config", "resume_from_checkpoint", "run_name",
 }
@@ -25,7 +26,9 @@ def trl_classes(stage: str) -> list:
     trl = pytest.importorskip("trl")
     transformers = pytest.importorskip("transformers")
     trainer = {"sft": trl.SFTConfig, "rm": trl.RewardConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig,
-               "rloo": trl.RLOOConfig, "ppo": transformers.TrainingArguments}[stage]  # TRL 1.16 has no PPO trainer
+               "rloo": trl.RLOOConfig, "ppo": transformers.TrainingArguments}.get(stage)  # TRL 1.16 has no PPO trainer
+    if stage in ("cpo", "orpo"):  # TRL 1.16 keeps them under trl.experimental
+        trainer = getattr(pytest.importorskip(f"trl.experimental.{stage}"), f"{stage.upper()}Config")
     return [trainer, trl.ModelConfig, trl.ScriptArguments]
 
 
@@ -40,8 +43,6 @@ def trl_default(name: str, f: dataclasses.Field, trainer):
         return not default(next(g for g in dataclasses.fields(trainer) if g.name == "fp16"))
     if name == "gradient_checkpointing" and value is None:  # transformers 5: a deprecated alias of activation_checkpointing
         return bool(default(next(g for g in dataclasses.fields(trainer) if g.name == "activation_checkpointing")))
-    if name == "loss_type" and isinstance(value, list) and len(value) == 1:  # DPO's list of one loss
-        return value[0]
     if name == "report_to" and isinstance(value, str):
         return [value]
     return value.value if hasattr(value, "value") else value  # transformers' str enums (lr_scheduler_type, eval_strategy)
@@ -97,7 +98,7 @@ def test_the_notice_omits_what_the_user_set_and_names_ppo_s_source():
 # ===================================================================== TRL trainers posttrain has no stage for
 
 @pytest.mark.parametrize("name, nearest", [("kto", "posttrain dpo"), ("online_dpo", "posttrain grpo"),
-                                           ("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain grpo"),
+                                           ("simpo", "posttrain cpo"), ("xpo", "posttrain grpo"),
                                            ("nash_md", "posttrain grpo"), ("gkd", "posttrain sft"), ("bco", "posttrain dpo"),
                                            ("prm", "posttrain rm")])
 def test_a_trl_trainer_posttrain_lacks_says_what_to_run(cli, name, nearest):
