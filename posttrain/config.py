@@ -236,7 +236,7 @@ class CPOConfig(ReferenceFreePairsConfig):
     """posttrain cpo: the dpo recipe with CPO's reference-free loss (and SimPO's as loss_type simpo), TRL's CPOConfig."""
 
     beta: float = 0.1
-    """Inverse temperature β of the reward β·log π(y) (no reference model); SimPO's paper uses 2 to 10."""
+    """Inverse temperature β of the reward β·log π(y) (no reference model); SimPO's paper tunes it per model, β >= 2."""
     loss_type: str = "sigmoid"
     """sigmoid (CPO) | hinge | ipo | simpo (SimPO: mean token log-probs and the margin simpo_gamma); ipo and simpo
     score mean token log-probs, sigmoid and hinge summed ones, as TRL."""

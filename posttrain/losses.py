@@ -30,6 +30,7 @@ __all__ = [
     "dpo_loss",
     "cpo_loss",
     "orpo_loss",
+    "log1mexp",
     "reward_model_loss",
     "kl_penalty",
     "bias_corrected_kl",
