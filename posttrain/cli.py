@@ -1,6 +1,6 @@
 """posttrain's command line: subcommand -> config dataclass -> recipe main(cfg).
 
-    posttrain sft | rm | dpo | kto | ppo | grpo | rloo | online_dpo | distill  [--config FILE.yaml] [--FIELD VALUE ...]
+    posttrain sft | rm | dpo | cpo | orpo | kto | ppo | grpo | rloo | online_dpo | distill  [--config FILE.yaml] [--FIELD VALUE ...]
     posttrain reward ...                   (the same as posttrain rm, TRL's name)
     posttrain gkd | distillation ...       (the same as posttrain distill, TRL's names)
     posttrain generate --model_name_or_path DIR --prompt TEXT
@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from posttrain.errors import UserError  # noqa: E402
 
-STAGES = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "distill")
+STAGES = ("sft", "rm", "dpo", "cpo", "orpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "distill")
 STAGE_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat data",
     "rm": "train a Bradley-Terry reward model on preference pairs",
@@ -43,6 +43,8 @@ STAGE_HELP = {
     "rloo": "REINFORCE Leave-One-Out: the grpo recipe with TRL RLOOTrainer's defaults (KL in the reward)",
     "online_dpo": "Online DPO: pairs sampled from the current policy, judged by the reward sources, DPO loss",
     "distill": "on-policy distillation and GKD from a frozen teacher (generalised JSD on student or dataset completions)",
+    "cpo": "Contrastive Preference Optimization, and SimPO (--loss_type simpo): reference-free preference losses",
+    "orpo": "Odds Ratio Preference Optimization: the chosen responses' NLL plus an odds-ratio term, reference-free",
 }
 STAGE_HELP["kto"] = "Kahneman-Tversky Optimization on rows labelled desirable / undesirable (or unpaired preference pairs)"
 # TRL's command names of a posttrain stage -> the stage
@@ -54,9 +56,7 @@ _GRPO_ONLINE = "posttrain online_dpo, posttrain grpo or posttrain ppo with --rew
 NEAREST_STAGE = {
     "bco": "posttrain dpo on chosen / rejected pairs (BCO's unpaired labels are not read)",
     "xpo": _GRPO_ONLINE, "nash_md": _GRPO_ONLINE,
-    "orpo": "posttrain dpo --rpo_alpha 1 (a preference loss plus the chosen responses' NLL, with a reference model)",
-    "cpo": "posttrain dpo (a preference loss with a reference model)",
-    "simpo": "posttrain dpo --logps_normalization mean (length-normalised, with a reference model)",
+    "simpo": "posttrain cpo --loss_type simpo --cpo_alpha 0 (SimPO is CPO's loss_type simpo, as in TRL)",
     "prm": "posttrain rm (one reward per sequence; no per-step rewards)",
     "dapo": "posttrain grpo --loss_type dapo", "dr_grpo": "posttrain grpo --loss_type dr_grpo --scale_rewards none",
     "bnpo": "posttrain grpo --loss_type bnpo", "gspo": "posttrain grpo --importance_sampling_level sequence",

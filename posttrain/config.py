@@ -188,13 +188,18 @@ class DPOConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
     """Frozen reference model; empty means the starting policy (model_name_or_path)."""
     beta: float = 0.1
     """Inverse temperature β of the implicit reward β·log(π/π_ref); higher stays closer to the reference."""
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO) | ipo (IPO) | hinge (SLiC)."""
+    loss_type: list = field(default_factory=lambda: ["sigmoid"])
+    """sigmoid (DPO) | ipo (IPO) | hinge (SLiC) | robust (robust DPO) | bco_pair (BCO) | apo_zero (APO) |
+    sppo_hard (SPPO) | nca_pair (NCA) | exo_pair (EXO); several (`--loss_type sigmoid bco_pair`) add up,
+    weighted by loss_weights, as in TRL."""
+    loss_weights: list = field(default_factory=list)
+    """One weight per loss_type, for a combination of several (empty: all 1)."""
     label_smoothing: float = 0.0
-    """Assumed probability that a preference label is flipped (conservative DPO); sigmoid only."""
+    """Assumed probability that a preference label is flipped: conservative DPO (sigmoid), robust DPO (robust),
+    the target distribution of exo_pair (which needs it > 0; EXO uses 1e-3)."""
     logps_normalization: str = ""
-    """sum: log π(y|x), the standard DPO. mean: per-token average (length-normalised).
-    Empty: mean for ipo (its target 1/(2β) assumes averaged log-ratios), sum otherwise."""
+    """sum: log π(y|x), the standard DPO. mean: per-token average (length-normalised), for every loss type
+    of the run. Empty: mean for ipo alone (its target 1/(2β) assumes averaged log-ratios), sum otherwise."""
     precompute_ref_log_probs: bool = False
     """Score the whole dataset with the reference once before training, then release the reference model."""
     rpo_alpha: float = 0.0
@@ -216,6 +221,39 @@ class RMConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
     eos_token: str = ""
     """A token of the tokenizer's vocabulary to use as its EOS (appended to text responses, saved with the
     tokenizer); empty: the tokenizer's own."""
+
+
+@dataclass
+class ReferenceFreePairsConfig(PaddingFreeConfig, DropoutConfig, CommonConfig):
+    eval_dataset_name: str = ""
+    """Held-out preference pairs: eval loss, rewards/accuracies and rewards/margins."""
+    max_completion_length: int = 0
+    """Longest chosen / rejected response in tokens, which keep their first tokens (0: only max_length bounds them)."""
+
+
+@dataclass
+class CPOConfig(ReferenceFreePairsConfig):
+    """posttrain cpo: the dpo recipe with CPO's reference-free loss (and SimPO's as loss_type simpo), TRL's CPOConfig."""
+
+    beta: float = 0.1
+    """Inverse temperature β of the reward β·log π(y) (no reference model); SimPO's paper tunes it per model, β >= 2."""
+    loss_type: str = "sigmoid"
+    """sigmoid (CPO) | hinge | ipo | simpo (SimPO: mean token log-probs and the margin simpo_gamma); ipo and simpo
+    score mean token log-probs, sigmoid and hinge summed ones, as TRL."""
+    label_smoothing: float = 0.0
+    """Assumed probability that a preference label is flipped (sigmoid and simpo)."""
+    cpo_alpha: float = 1.0
+    """Weight of the NLL of the chosen responses (CPO's behaviour-cloning term; 0: SimPO's loss alone)."""
+    simpo_gamma: float = 0.5
+    """loss_type simpo: the target reward margin γ, in -log σ(β·(mean log π(y_w) - mean log π(y_l)) - γ)."""
+
+
+@dataclass
+class ORPOConfig(ReferenceFreePairsConfig):
+    """posttrain orpo: the dpo recipe with ORPO's loss, the chosen responses' NLL plus λ·odds-ratio term, TRL's ORPOConfig."""
+
+    beta: float = 0.1
+    """λ, the weight of the odds-ratio term -log σ(log odds(y_w) - log odds(y_l)) added to the NLL."""
 
 
 @dataclass
@@ -493,6 +531,8 @@ STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOC
 STAGE_CONFIGS["online_dpo"] = OnlineDPOConfig
 STAGE_CONFIGS["kto"] = KTOConfig
 STAGE_CONFIGS["distill"] = DistillConfig
+STAGE_CONFIGS.update({"cpo": CPOConfig, "orpo": ORPOConfig})
+PREFERENCE_STAGES = ("dpo", "cpo", "orpo")  # the dpo recipe; cpo and orpo load no reference model
 RL_STAGES = ("ppo", "grpo", "rloo", "online_dpo")
 
 
@@ -585,12 +625,12 @@ def _coerce_list(name: str, value, source: str) -> list:
         raise UserError(f"{source}: field {name!r} expects a list, got {value!r}")
     out = []
     for item in items:
-        if name in ("reward_funcs", "tools"):
+        if name in ("reward_funcs", "tools", "loss_type"):
             if not isinstance(item, str) or _number_or_str(item) != item:
-                what = "a reward name" if name == "reward_funcs" else "a module:function name"
+                what = {"reward_funcs": "a reward name", "tools": "a module:function name"}.get(name, "a loss type")
                 raise UserError(f"{source}: field {name!r}: {shown(item)} is not {what}")
             out.append(item)
-        elif name == "reward_weights":
+        elif name in ("reward_weights", "loss_weights"):
             number = _number_or_str(item) if isinstance(item, str) else item
             if not _is_number(number) or not math.isfinite(number):
                 raise UserError(f"{source}: field {name!r}: {shown(item)} is not a finite number")
@@ -904,12 +944,18 @@ TRL_UNSUPPORTED: dict = {
     "model_adapter_name": ((), _NO), "ref_adapter_name": ((), _NO),
     # GKD
     "teacher_model_init_kwargs": ((), "the teacher is loaded with dtype and attn_implementation, as the student"),
+    # CPO and ORPO
+    "generate_during_eval": ((False,), "sample from output_dir with posttrain generate"),
+    "is_encoder_decoder": ((False,), "posttrain trains causal language models"),
+    "padding_value": (ANY, "padding never changes posttrain's losses"),
+    "alpha": ((0, 0.0), "AlphaPO's reward shape is not supported; posttrain cpo's rewards are β·log π(y)"),
 }
 
 
 # ------------------------------------------------------------------ TRL's defaults
 
-# TRL's trainer configs (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, RLOOConfig, experimental OnlineDPOConfig) and
+# TRL's trainer configs (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, RLOOConfig, KTOConfig, experimental OnlineDPOConfig,
+# GKDConfig, CPOConfig, ORPOConfig) and
 # ModelConfig: their defaults where posttrain's differ. bf16 None is `not fp16`, i.e. true (trl/trainer/base_config.py);
 # lora_target_modules None is peft's per-model list (q_proj, v_proj for Llama / Qwen2).
 _TRL_TRAINER_DEFAULTS = {
@@ -930,6 +976,8 @@ TRL_DEFAULTS: dict = {
     "online_dpo": {**_TRL_TRAINER_DEFAULTS, "learning_rate": 5e-7},
     # trl.experimental.gkd.GKDConfig (an SFTConfig): lmbda, beta and temperature are posttrain's too
     "distill": {**_TRL_TRAINER_DEFAULTS, "max_length": 1024, "assistant_only_loss": False},
+    "cpo": {**_TRL_TRAINER_DEFAULTS, "max_length": 1024, "learning_rate": 1e-6},  # trl.experimental's CPOConfig
+    "orpo": {**_TRL_TRAINER_DEFAULTS, "max_length": 1024, "learning_rate": 1e-6},  # trl.experimental's ORPOConfig
     "ppo": {"eval_strategy": "no", "learning_rate": 5e-5, "lr_scheduler_type": "linear", "num_train_epochs": 3.0,
             "logging_steps": 500, "save_steps": 500, "save_total_limit": None, "lora_dropout": 0.05, "lora_target_modules": None},
 }
@@ -1048,6 +1096,8 @@ _LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("grpo", "bnpo", "dr_
 _LOSS_TYPES["rloo"] = _LOSS_TYPES["grpo"]
 _LOSS_TYPES["online_dpo"] = ("sigmoid", "ipo")
 _LOSS_TYPES["kto"] = ("kto", "apo_zero_unpaired")
+_LOSS_TYPES["dpo"] += ("robust", "bco_pair", "apo_zero", "sppo_hard", "nca_pair", "exo_pair")
+_LOSS_TYPES["cpo"] = ("sigmoid", "hinge", "ipo", "simpo")
 
 
 def _ge(low):
@@ -1123,7 +1173,8 @@ _RANGES: dict = {
     "eval_max_rows": _ge(1),
     "eval_steps": _ge(0),
     "eval_split": _within(0, 1),
-    "beta": {"dpo": _gt(0), "grpo": _ge(0), "rloo": _ge(0), "online_dpo": _gt(0), "distill": _within(0, 1, closed_high=True)},
+    "beta": {"dpo": _gt(0), "grpo": _ge(0), "rloo": _ge(0), "online_dpo": _gt(0), "distill": _within(0, 1, closed_high=True),
+             "cpo": _gt(0), "orpo": _gt(0)},
     "lmbda": _within(0, 1, closed_high=True),
     "teacher_top_k": _ge(0),
     "label_smoothing": _within(0, 0.5),
@@ -1131,8 +1182,10 @@ _RANGES: dict = {
     "center_rewards_coefficient": _ge(0),
     "temperature": _gt(0),
     "top_k": _ge(0),
-    "max_completion_length": {"ppo": _ge(1), "grpo": _ge(1), "rloo": _ge(1), "dpo": _ge(0),
+    "max_completion_length": {"ppo": _ge(1), "grpo": _ge(1), "rloo": _ge(1), "dpo": _ge(0), "cpo": _ge(0), "orpo": _ge(0),
                               "online_dpo": _ge(1), "distill": _ge(1)},
+    "cpo_alpha": _ge(0),
+    "simpo_gamma": _ge(0),
     "top_p": (lambda v, cfg: 0 < v <= 1, "in (0, 1]"),
     "min_p": _within(0, 1),
     "repetition_penalty": (lambda v, cfg: v == 1.0, "1.0 (a penalty would make the sampled distribution differ from "
@@ -1190,12 +1243,16 @@ def validate(stage: str, cfg, sources: dict | None = None, check_paths: bool = F
     ``check_paths`` also checks the files and folders the run reads and writes (nothing is written here).
     """
     if stage == "dpo" and not cfg.logps_normalization:
-        cfg.logps_normalization = "mean" if cfg.loss_type == "ipo" else "sum"
+        cfg.logps_normalization = "mean" if set(cfg.loss_type) == {"ipo"} else "sum"
     for name, valid in _CHOICES.items():
         if hasattr(cfg, name) and getattr(cfg, name) not in valid:
             raise UserError(f"{_field(name, sources)}: {getattr(cfg, name)!r} is not one of {', '.join(valid)}")
-    if stage in _LOSS_TYPES and cfg.loss_type not in _LOSS_TYPES[stage]:
-        raise UserError(f"{_field('loss_type', sources)}: {cfg.loss_type!r} is not one of {', '.join(_LOSS_TYPES[stage])}")
+    if stage in _LOSS_TYPES:
+        for loss_type in cfg.loss_type if isinstance(cfg.loss_type, list) else [cfg.loss_type]:  # dpo's is TRL's list
+            if loss_type not in _LOSS_TYPES[stage]:
+                raise UserError(f"{_field('loss_type', sources)}: {loss_type!r} is not one of {', '.join(_LOSS_TYPES[stage])}")
+    if stage == "dpo":
+        _check_dpo_loss_types(cfg, sources)
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if _kinds(type(cfg))[f.name] is float and not math.isfinite(value):
@@ -1235,6 +1292,18 @@ def validate(stage: str, cfg, sources: dict | None = None, check_paths: bool = F
         _check_critic_free(cfg, sources)
     if check_paths:
         _check_paths(cfg, sources)
+
+
+def _check_dpo_loss_types(cfg, sources: dict | None) -> None:
+    """A list of DPO loss types (TRL's loss_type list) with its weights; exo_pair's target needs label_smoothing > 0."""
+    if not cfg.loss_type:
+        raise UserError(f"{_field('loss_type', sources)}: give at least one loss type")
+    if cfg.loss_weights and len(cfg.loss_weights) != len(cfg.loss_type):
+        raise UserError(f"{_field('loss_weights', sources)} has {len(cfg.loss_weights)} values for "
+                        f"{len(cfg.loss_type)} loss types ({', '.join(cfg.loss_type)})")
+    if "exo_pair" in cfg.loss_type and cfg.label_smoothing <= 0:
+        raise UserError(f"{_field('label_smoothing', sources)}: loss_type exo_pair needs label_smoothing > 0 "
+                        "(its target distribution; the EXO paper uses 1e-3)")
 
 
 def _check_critic_free(cfg, sources: dict | None) -> None:

@@ -16,6 +16,7 @@ model. Shapes use one legend throughout:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ __all__ = [
     "sequence_logps",
     "packed_sequence_logps",
     "dpo_loss",
+    "cpo_loss",
+    "orpo_loss",
+    "log1mexp",
     "reward_model_loss",
     "kto_loss",
     "kl_penalty",
@@ -51,7 +55,8 @@ __all__ = [
     "generalized_jsd_loss",
 ]
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "apo_zero", "sppo_hard", "nca_pair", "exo_pair")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3_plus")
 GROUP_SCALES = ("group", "batch", "none")
 AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -159,32 +164,143 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct Preference Optimization loss per pair, and the implicit rewards.
 
-    With h = (log π(y_w) - log π(y_l)) - (log π_ref(y_w) - log π_ref(y_l)):
+    With the log-ratios c = log π(y_w) - log π_ref(y_w), r = log π(y_l) - log π_ref(y_l), h = c - r,
+    σ the sigmoid and ε = label_smoothing:
 
-    - sigmoid: -(1-ε)·log σ(βh) - ε·log σ(-βh)   DPO, arXiv 2305.18290 Eq. 7;
+    - sigmoid:   -(1-ε)·log σ(βh) - ε·log σ(-βh)      DPO, arXiv 2305.18290 Eq. 7;
       ε > 0 is conservative DPO (label noise ε, cDPO note of Mitchell 2023).
-    - ipo:     (h - 1/(2β))²                      IPO, arXiv 2310.12036 Eq. 17.
-    - hinge:   relu(1 - βh)                       SLiC, arXiv 2305.10425 Eq. 3.
+    - ipo:       (h - 1/(2β))²                         IPO, arXiv 2310.12036 Eq. 17.
+    - hinge:     relu(1 - βh)                          SLiC, arXiv 2305.10425 Eq. 3.
+    - robust:    (-(1-ε)·log σ(βh) + ε·log σ(-βh)) / (1-2ε)   robust DPO, arXiv 2403.00409
+      (unbiased under labels flipped with probability ε < 1/2).
+    - bco_pair:  -log σ(βc) - log σ(-βr)               BCO on pairs, arXiv 2404.04656 (no reward shift δ).
+    - apo_zero:  (1 - σ(βc)) + σ(βr)                   APO-zero, arXiv 2408.06266 Eq. 7.
+    - sppo_hard: (c - 1/(2β))² + (r + 1/(2β))²         SPPO, arXiv 2405.00675 Eq. 4.7 with the hard
+      win probabilities P(y_w) = 1, P(y_l) = 0.
+    - nca_pair:  -log σ(βc) - ½·log σ(-βc) - ½·log σ(-βr)   NCA on pairs, arXiv 2402.05369 (K = 2).
+    - exo_pair:  KL(q ‖ p) = q_w·(log q_w - log(1-ε)) + q_l·(log q_l - log ε), q_w = σ(βh) = 1 - q_l
+      EXO, arXiv 2402.00856 Eq. 16 (K = 2); needs ε > 0 (the paper uses 1e-3).
+
+    These are TRL 1.16 DPOTrainer's formulas (posttrain's sigmoid keeps ε; TRL's moved it to robust and
+    exo_pair). ``loss_type`` may name several: the losses are Σ_i w_i·loss_i with ``loss_weights`` w
+    (default all 1), as TRL combines its list of loss types (each weighted mean over the batch is the
+    mean of this weighted sum).
 
     Shape: each logps argument (B,) -> (losses (B,), chosen_rewards (B,),
     rejected_rewards (B,)). Rewards β·(log π - log π_ref) are detached.
     """
-    _check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
-    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    if not loss_types or len(weights) != len(loss_types):
+        raise ValueError(f"loss_weights {weights} must give one weight per loss_type {loss_types}")
+    for name in loss_types:
+        _check_choice("loss_type", name, DPO_LOSS_TYPES)
+    c = policy_chosen_logps - ref_chosen_logps
+    r = policy_rejected_logps - ref_rejected_logps
+    h = c - r
+    losses = torch.zeros_like(h)
+    for name, weight in zip(loss_types, weights):
+        losses = losses + weight * _dpo_variant(name, c, r, h, beta, label_smoothing)
+    return losses, beta * c.detach(), beta * r.detach()
+
+
+def _dpo_variant(loss_type: str, c: torch.Tensor, r: torch.Tensor, h: torch.Tensor, beta: float,
+                 eps: float) -> torch.Tensor:
+    """One of ``dpo_loss``'s loss types per pair, from the chosen / rejected log-ratios c, r and h = c - r."""
     if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
+        return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r)
+    if loss_type == "apo_zero":
+        return (1 - torch.sigmoid(beta * c)) + torch.sigmoid(beta * r)
+    if loss_type == "sppo_hard":
+        return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
+    if not eps > 0:  # exo_pair: log ε of the target distribution
+        raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+    log_qw, log_ql = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)
+    return log_qw.exp() * (log_qw - math.log1p(-eps)) + log_ql.exp() * (log_ql - math.log(eps))
+
+
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference-free preference loss per pair (CPO, SimPO), and its rewards β·log π(y).
+
+    With u = log π(y_w) - log π(y_l) (no reference model) and ε = label_smoothing:
+
+    - sigmoid: -(1-ε)·log σ(βu) - ε·log σ(-βu)   CPO, arXiv 2401.08417 Eq. 3 (ε = 0); the NLL term
+      of CPO's objective on the chosen responses is added by the recipe (cpo_alpha).
+    - hinge:   relu(1 - βu)                        SLiC's hinge on the same u.
+    - ipo:     (u - 1/(2β))²                       IPO's square on the same u.
+    - simpo:   -(1-ε)·log σ(βu - γ) - ε·log σ(γ - βu), γ = simpo_gamma
+      SimPO, arXiv 2405.14734 Eq. 6, where log π(y) is the mean token log-prob (Eq. 4).
+
+    TRL 1.16 CPOTrainer's formulas; the caller passes summed log-probs for sigmoid and hinge and mean
+    ones for ipo and simpo, as TRL does.
+
+    Shape: policy_chosen_logps (B,), policy_rejected_logps (B,) -> (losses (B,), chosen_rewards (B,),
+    rejected_rewards (B,)); rewards β·log π(y) detached.
+    """
+    _check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
+    u = policy_chosen_logps - policy_rejected_logps
+    if loss_type in ("sigmoid", "simpo"):
+        logits = beta * u - (simpo_gamma if loss_type == "simpo" else 0.0)
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * u)
     else:
-        losses = torch.relu(1 - beta * h)
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
+        losses = (u - 1 / (2 * beta)) ** 2
+    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation: log(-expm1(x)) near 0, log1p(-exp(x)) below -log 2
+    (Mächler 2012, "Accurately computing log(1 - exp(-|a|))")."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """ORPO's odds-ratio term per pair, λ·(-log σ(log OR)), and its rewards β·log P(y).
+
+    ORPO, arXiv 2403.07691 Eq. 4-7: odds(y) = P(y) / (1 - P(y)) with P(y) the mean token probability
+    exp(mean log-prob), log OR = log odds(y_w) - log odds(y_l)
+    = (log P_w - log P_l) - (log(1 - P_w) - log(1 - P_l)), and L_OR = -log σ(log OR) weighted by
+    λ = beta. The recipe adds the chosen responses' NLL (L_SFT, Eq. 6). TRL 1.16 ORPOTrainer's formula
+    (it subtracts λ·log σ(log OR) from the NLL).
+
+    Shape: policy_chosen_logps (B,), policy_rejected_logps (B,) mean token log-probs (< 0) ->
+    (losses (B,), chosen_rewards (B,), rejected_rewards (B,), stats); stats (detached, TRL's names):
+    log_odds_ratio = mean of log σ(log OR), log_odds_chosen = mean of log OR.
+    """
+    dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)  # at least fp32 (bf16 log1mexp is coarse)
+    chosen, rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    log_sigmoid = F.logsigmoid(log_odds)
+    stats = {"log_odds_ratio": log_sigmoid.detach().mean(), "log_odds_chosen": log_odds.detach().mean()}
+    return -beta * log_sigmoid, beta * chosen.detach(), beta * rejected.detach(), stats
 
 
 def reward_model_loss(

@@ -21,7 +21,8 @@ The parts, per device:
   `dtype: bfloat16` trains the bf16 weights themselves, 2 + 2 + 4 = 8 bytes.
   FSDP (ZeRO-3) divides weights, gradients and optimizer state by the world
   size, DDP keeps a second gradient copy in its reduction buckets;
-- frozen copies at their load dtype: the reference (`dtype`), reward model(s)
+- frozen copies at their load dtype: the reference (`dtype`; none for cpo and
+  orpo, whose losses are reference-free, nor for dpo with precompute_ref_log_probs), reward model(s)
   (float32, as rewards.py loads them), and a separate PPO critic (`dtype`,
   trained like the policy);
 - activations of one micro-batch (see ``layer_activation_bytes``), for the
@@ -234,6 +235,7 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
     stage = stage or _stage_of(cfg)
     stage = "grpo" if stage == "rloo" else stage  # the grpo recipe with other defaults
     stage = "dpo" if stage == "kto" else stage  # B rows and their B mismatched pairs: dpo's 2B rows, with a reference
+    # cpo and orpo: the dpo recipe's pairs, with no reference model (needs_ref below is false for them)
     scalar = stage == "rm"
     policy = _shape_of(cfg, cfg.model_name_or_path, scalar=scalar, lora=cfg.use_peft)
     if policy is None:
@@ -281,8 +283,8 @@ def estimate(cfg, stage: str | None = None) -> dict | None:
 
     # one micro-batch: rows x length, and the positions whose logits are scored
     B = cfg.per_device_train_batch_size
-    if stage in ("sft", "dpo", "rm"):
-        rows, length = B * (2 if stage in ("dpo", "rm") else 1), cfg.max_length
+    if stage in ("sft", "dpo", "rm", "cpo", "orpo"):
+        rows, length = B * (1 if stage == "sft" else 2), cfg.max_length
         scored = rows * length
     elif stage == "distill":  # dataset rows, or prompts with sampled completions
         rollouts = rows = B

@@ -25,6 +25,8 @@ STAGE_FIELDS = {
     "sft": ("completion_only_loss", "assistant_only_loss"),
     "rm": ("center_rewards_coefficient", "eval_split"),
     "dpo": ("beta", "loss_type", "label_smoothing", "logps_normalization", "rpo_alpha", "precompute_ref_log_probs"),
+    "cpo": ("beta", "loss_type", "label_smoothing", "cpo_alpha", "simpo_gamma"),
+    "orpo": ("beta",),
     "ppo": ("kl_coef", "kl_estimator", "target_kl_coef", "num_ppo_epochs", "num_mini_batches", "epsilon",
             "cliprange_value", "vf_coef", "gamma", "lam", "critic", "reward_funcs", "temperature", "max_completion_length"),
     "grpo": ("beta", "loss_type", "num_generations", "num_iterations", "epsilon", "epsilon_high", "scale_rewards",

@@ -61,18 +61,22 @@ RANGES = {
     "eval_steps": (0, False, None, None),
     "eval_split": (0, False, 1, True),
     "beta": {"dpo": (0, True, None, None), "grpo": (0, False, None, None), "rloo": (0, False, None, None),
-             "online_dpo": (0, True, None, None), "kto": (0, True, None, None), "distill": (0, False, 1, False)},
+             "online_dpo": (0, True, None, None), "kto": (0, True, None, None), "distill": (0, False, 1, False),
+             "cpo": (0, True, None, None), "orpo": (0, True, None, None)},
     "desirable_weight": (0, False, None, None),
     "undesirable_weight": (0, False, None, None),
     "lmbda": (0, False, 1, False),
     "teacher_top_k": (0, False, None, None),
+    "cpo_alpha": (0, False, None, None),
+    "simpo_gamma": (0, False, None, None),
     "label_smoothing": (0, False, 0.5, True),
     "rpo_alpha": (0, False, None, None),
     "center_rewards_coefficient": (0, False, None, None),
     "temperature": (0, True, None, None),
     "top_k": (0, False, None, None),
     "max_completion_length": {"ppo": (1, False, None, None), "grpo": (1, False, None, None), "rloo": (1, False, None, None),
-                              "dpo": (0, False, None, None), "online_dpo": (1, False, None, None), "distill": (1, False, None, None)},
+                              "dpo": (0, False, None, None), "online_dpo": (1, False, None, None), "distill": (1, False, None, None),
+                              "cpo": (0, False, None, None), "orpo": (0, False, None, None)},
     "top_p": (0, True, 1, False),
     "min_p": (0, False, 1, True),
     "repetition_penalty": (1, False, 1, False),  # other values: sampled != scored
@@ -113,7 +117,8 @@ CHOICES = {
     "importance_sampling_level": {"token", "sequence"},
     "critic": {"separate", "shared"},
     "scale_rewards": {"group", "batch", "none"},
-    ("dpo", "loss_type"): {"sigmoid", "ipo", "hinge"},
+    ("dpo", "loss_type"): {"sigmoid", "ipo", "hinge", "robust", "bco_pair", "apo_zero", "sppo_hard", "nca_pair", "exo_pair"},
+    ("cpo", "loss_type"): {"sigmoid", "hinge", "ipo", "simpo"},
     ("grpo", "loss_type"): {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo"},
     ("rloo", "loss_type"): {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "rloo"},
     ("online_dpo", "loss_type"): {"sigmoid", "ipo"},
@@ -183,10 +188,10 @@ def wrong_type(kind: str, name: str) -> tuple[st.SearchStrategy, st.SearchStrate
         if name != "reward_on_error":  # the only str field that takes a number
             junk = st.one_of(junk, st.integers(-5, 5), NON_INTEGRAL)
         return st.nothing(), junk
-    if name in ("reward_funcs", "tools"):
+    if name in ("reward_funcs", "tools", "loss_type"):
         return st.sampled_from(["5", "exact_match,3", "1e-3", "nan", "-2"]), \
             st.sampled_from([[1], [True], ["exact_match", 2.5], [None], [["a"]], {"a": 1}, True])
-    if name == "reward_weights":
+    if name in ("reward_weights", "loss_weights"):
         return st.sampled_from(["x", "1,nan", "inf", "1,two", "true"]), \
             st.sampled_from([["a"], [True], [math.nan], [math.inf], [None], {"a": 1}, False])
     if name == "report_to":

@@ -198,7 +198,7 @@ def test_impossible_values_are_rejected(stage, overrides, words):
 
 
 def test_valid_choices_are_accepted():
-    assert load_config("dpo", None, {**DATA, "loss_type": "ipo"}).loss_type == "ipo"
+    assert load_config("dpo", None, {**DATA, "loss_type": "ipo"}).loss_type == ["ipo"]  # TRL's list of loss types
     assert load_config("ppo", None, {**DATA, "critic": "shared", "kl_estimator": "k3"}).critic == "shared"
     cfg = load_config("grpo", None, {**DATA, "loss_type": "dr_grpo", "scale_rewards": "none"})
     assert (cfg.loss_type, cfg.scale_rewards) == ("dr_grpo", "none")
@@ -206,7 +206,7 @@ def test_valid_choices_are_accepted():
 
 def test_stage_classes():
     assert STAGE_CONFIGS["ppo"] is PPOConfig and STAGE_CONFIGS["grpo"] is GRPOConfig
-    assert set(STAGE_CONFIGS) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo", "kto", "online_dpo", "distill"}
+    assert set(STAGE_CONFIGS) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo", "kto", "online_dpo", "distill", "cpo", "orpo"}
 
 
 # ===================================================================== field docs
@@ -436,3 +436,28 @@ def test_space_separated_lists_in_a_real_run(cli, tmp_path, tiny_qwen, arith_dat
     assert "lora_target_modules: q_proj,v_proj" in saved
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+
+
+# ===================================================================== preference losses: lists of DPO loss types, cpo, orpo
+
+def test_dpo_takes_a_list_of_loss_types_with_weights_and_checks_them():
+    cfg = load_config("dpo", None, {**DATA, "loss_type": "sigmoid,bco_pair", "loss_weights": "1,0.5"})  # `--loss_type a b`
+    assert (cfg.loss_type, cfg.loss_weights, cfg.logps_normalization) == (["sigmoid", "bco_pair"], [1.0, 0.5], "sum")
+    assert load_config("dpo", None, {**DATA, "loss_type": "ipo"}).logps_normalization == "mean"  # ipo alone
+    for overrides, words in [({"loss_type": "sigmoid,ipo", "loss_weights": "1"}, "field .loss_weights. has 1 values for 2 loss types"),
+                             ({"loss_type": "exo_pair"}, "exo_pair needs label_smoothing > 0"),
+                             ({"loss_type": "sigmoid,kto"}, "'kto' is not one of sigmoid, ipo, hinge, robust"),
+                             ({"loss_type": "sigmoid,3"}, "is not a loss type")]:
+        with pytest.raises(UserError, match=words):
+            load_config("dpo", None, {**DATA, **overrides})
+
+
+def test_cpo_and_orpo_take_trls_fields():
+    cfg = load_config("cpo", None, {**DATA, "loss_type": "simpo", "simpo_gamma": "0.3", "cpo_alpha": "0", "beta": "2"})
+    assert (cfg.loss_type, cfg.simpo_gamma, cfg.cpo_alpha, cfg.beta) == ("simpo", 0.3, 0.0, 2.0)
+    assert load_config("cpo", None, DATA).beta == 0.1 and load_config("orpo", None, DATA).beta == 0.1  # TRL's defaults
+    assert not hasattr(load_config("orpo", None, DATA), "ref_model_name_or_path")  # reference-free
+    with pytest.raises(UserError, match="'alphapo' is not one of sigmoid, hinge, ipo, simpo"):
+        load_config("cpo", None, {**DATA, "loss_type": "alphapo"})
+    with pytest.raises(UserError, match="posttrain cpo does not support alpha"):
+        load_config("cpo", None, {**DATA, "alpha": "0.5"})

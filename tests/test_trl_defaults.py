@@ -12,8 +12,9 @@ from posttrain.config import ACCELERATE_LAUNCH_OPTIONS, STAGE_CONFIGS, TRL_DEFAU
 
 # TRL's None that means what posttrain's default means: eval_steps (logging_steps; posttrain's 0), epsilon_high (epsilon;
 # posttrain's 0), completion_only_loss (true for prompt/completion rows, posttrain's true), reward_weights (all 1),
-# fsdp / center_rewards_coefficient / min_p / delta / missing_eos_penalty (off), and the empty paths and names
-NONE_MEANS_POSTTRAIN_DEFAULT = {
+# fsdp / center_rewards_coefficient / min_p / delta / missing_eos_penalty (off), and the empty paths and names;
+# loss_weights (all 1) and max_completion_length (cpo, orpo: no bound, posttrain's 0)
+NONE_MEANS_POSTTRAIN_DEFAULT = {"loss_weights", "max_completion_length",
     "eval_steps", "epsilon_high", "completion_only_loss", "reward_weights", "fsdp", "center_rewards_coefficient", "min_p",
     "delta", "missing_eos_penalty", "eos_token", "chat_template_path", "attn_implementation", "dataset_config", "resume_from_checkpoint", "run_name",
 }
@@ -32,6 +33,8 @@ def trl_classes(stage: str) -> list:
                "ppo": transformers.TrainingArguments}.get(stage)  # TRL 1.16 has no PPO trainer
     if stage == "distill":
         trainer = pytest.importorskip("trl.experimental.gkd").GKDConfig
+    if stage in ("cpo", "orpo"):  # TRL 1.16 keeps them under trl.experimental
+        trainer = getattr(pytest.importorskip(f"trl.experimental.{stage}"), f"{stage.upper()}Config")
     return [trainer, trl.ModelConfig, trl.ScriptArguments]
 
 
@@ -46,7 +49,7 @@ def trl_default(name: str, f: dataclasses.Field, trainer):
         return not default(next(g for g in dataclasses.fields(trainer) if g.name == "fp16"))
     if name == "gradient_checkpointing" and value is None:  # transformers 5: a deprecated alias of activation_checkpointing
         return bool(default(next(g for g in dataclasses.fields(trainer) if g.name == "activation_checkpointing")))
-    if name in ("loss_type", "beta") and isinstance(value, list) and len(value) == 1:  # DPO's list of one loss, Online DPO's beta
+    if name == "beta" and isinstance(value, list) and len(value) == 1:  # Online DPO's beta (one per epoch)
         return value[0]
     if name == "report_to" and isinstance(value, str):
         return [value]
@@ -102,7 +105,7 @@ def test_the_notice_omits_what_the_user_set_and_names_ppo_s_source():
 
 # ===================================================================== TRL trainers posttrain has no stage for
 
-@pytest.mark.parametrize("name, nearest", [("orpo", "posttrain dpo"), ("cpo", "posttrain dpo"), ("xpo", "posttrain online_dpo"),
+@pytest.mark.parametrize("name, nearest", [("simpo", "posttrain cpo"), ("xpo", "posttrain online_dpo"),
                                            ("nash_md", "posttrain online_dpo"), ("bco", "posttrain dpo"),
                                            ("prm", "posttrain rm")])
 def test_a_trl_trainer_posttrain_lacks_says_what_to_run(cli, name, nearest):

@@ -1,6 +1,6 @@
 """Real torchrun processes on CPU (gloo): N ranks equal one process for the same global batch.
 
-For sft, rm, dpo and kto, 2 ranks x batch b end with the same weights as 1 process x
+For sft, rm, dpo, kto and orpo, 2 ranks x batch b end with the same weights as 1 process x
 batch 2b, under DDP and FSDP2. PPO, GRPO and distill (its on-policy batches) compare the same way with a rollout
 engine of fixed completions (tests/distributed/fixed_engine.py), so the test
 checks the distributed update itself: whitening, group statistics, token
@@ -25,7 +25,7 @@ from posttrain.metrics import read_metrics
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TOLERANCE = 1e-5
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "kto", "distill")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "kto", "distill", "orpo")
 
 
 def launch(jobs: list[list[str]], workdir: Path, nproc: int, timeout: int = 600) -> None:
@@ -58,6 +58,9 @@ def stage_jobs(root: Path, model: Path, data: dict, per_device: int, extra: list
          "--per_device_train_batch_size", str(per_device), "--output_dir", str(root / "rm")],
         ["dpo", *common, "--dataset_name", str(data["preference"]), "--max_steps", "3", "--save_steps", "2",
          "--per_device_train_batch_size", str(per_device), "--output_dir", str(root / "dpo")],
+        # orpo: the dpo loop, reference-free, with an NLL averaged per pair (so pairs of unequal length split evenly)
+        ["orpo", *common, "--dataset_name", str(data["preference"]), "--max_steps", "3", "--gradient_accumulation_steps", "2",
+         "--per_device_train_batch_size", str(per_device // 2), "--output_dir", str(root / "orpo")],
         ["ppo", *common, *rl, "--per_device_train_batch_size", str(per_device), "--num_ppo_epochs", "2",
          "--target_kl_coef", "0.5", "--output_dir", str(root / "ppo")],
         ["grpo", *common, *rl, "--per_device_train_batch_size", str(per_device // 2), "--num_generations", "4",
