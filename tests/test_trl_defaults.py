@@ -113,7 +113,7 @@ def test_a_trl_trainer_posttrain_lacks_says_what_to_run(cli, name, nearest):
     assert proc.returncode == 2 and proc.stdout == ""
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(f"posttrain: error: posttrain has no {name} stage; nearest: {nearest}"), line
-    assert "posttrain: posttrain" not in line and "sft, rm (reward), dpo, kto, ppo, grpo, rloo, online_dpo" in line
+    assert "posttrain: posttrain" not in line and "sft, rm (reward), dpo, cpo, orpo, kto, ppo, grpo, rloo, online_dpo, distill" in line
 
 
 def test_every_trl_command_is_a_posttrain_command_or_named_with_the_nearest():
